@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -33,6 +33,18 @@ _PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 def format_prompt(question: str) -> str:
   """The one prompt template. The response text is encoded on its own and appended after it."""
   return _PROMPT_TEMPLATE.format(question=question)
+
+
+def template_texts(examples: Iterable[dict]) -> Iterator[str]:
+  """Tokenizer training texts in the exact form they are encoded: formatted prompts and responses.
+
+  Each example needs "prompt" and optionally "response" or "demonstration".
+  """
+  for ex in examples:
+    yield format_prompt(ex["prompt"])
+    resp = ex.get("response", ex.get("demonstration"))
+    if resp:
+      yield resp
 
 
 def train_tokenizer(
@@ -52,7 +64,9 @@ def train_tokenizer(
     texts: training texts, e.g. prompts and responses (formatted the way they will be encoded).
     model_path: where to write the `.model` file (parent directories are created).
     vocab_size: maximum number of pieces, including the 4 special ids and the 2 thinking tags.
-    model_type: "bpe" or "unigram".
+    model_type: "bpe" (default, recommended) or "unigram". Note: with sentencepiece 0.2.3 the
+      unigram trainer finds almost no multi-character seed pieces on small templated corpora, so
+      it ends up near character level whatever `vocab_size` is; it is still valid and deterministic.
 
   Returns:
     `model_path`.
@@ -165,15 +179,18 @@ class Tokenizer:
     return self._sp.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Decodes up to (not including) the first eos; pad and bos ids are skipped."""
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        out.append(i)
-    return self._sp.decode(out)
+    """Decodes up to (not including) the first eos; pad and bos ids are skipped.
+
+    Ids outside the tokenizer's vocabulary (a model's embedding table may be padded past
+    `vocab_size`) decode as unk.
+    """
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    eos = np.flatnonzero(ids == EOS_ID)
+    if eos.size:
+      ids = ids[:eos[0]]
+    ids = ids[(ids != PAD_ID) & (ids != BOS_ID)]
+    ids = np.where((ids < 0) | (ids >= self._sp.vocab_size()), UNK_ID, ids)
+    return self._sp.decode(ids.tolist())
 
   # --- the template -------------------------------------------------------------------------
 

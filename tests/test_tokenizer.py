@@ -10,8 +10,7 @@ from rlhfjax.tokenizer import Tokenizer, format_prompt, train_tokenizer
 
 def _corpus(n=500):
   cfg = ArithmeticConfig(ops=("+", "-", "*"), min_digits=1, max_digits=3)
-  probs = generate_problems(cfg, n, seed=0)
-  return [format_prompt(p["prompt"]) for p in probs] + [p["demonstration"] for p in probs]
+  return list(tok_lib.template_texts(generate_problems(cfg, n, seed=0)))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +63,7 @@ def test_round_trip_keeps_newline_and_template(tok):
   # decode stops at eos and skips pad/bos.
   assert tok.decode([0, 0] + ids + [tok.eos_id] + ids) == p
   assert tok.decode(r + tok.encode("junk")) == "The answer is 85."
+  assert tok.decode(tok.encode("The") + [tok.vocab_size + 5]) == "The ⁇ "  # padded-vocab id -> unk
 
 
 def test_encode_prompts_left_padded(tok):
