@@ -1,0 +1,92 @@
+"""Policy, value and reward models: the shared trunk plus one head each.
+
+Each is a linen module with a pure `init`/`apply`. Their parameter trees are separate (`{"trunk": ...,
+<head params>}`) so any one can start from another's trunk with `transplant_trunk` (value from the
+reward model, reward model from SFT).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhfjax.models.transformer import Trunk, TransformerConfig
+from rlhfjax.parallel import axes as ax
+
+
+class PolicyModel(nn.Module):
+  """Language-model head: logits [B, T, vocab] (float32)."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+    trunk = Trunk(self.cfg, name="trunk")
+    h, new_cache = trunk(tokens, positions, mask, cache, cache_index)
+    if self.cfg.tie_embeddings:
+      logits = trunk.attend(h)
+    else:
+      w = self.param("lm_head", nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (ax.EMBED, ax.VOCAB)),
+                     (self.cfg.d_model, self.cfg.vocab_size), self.cfg.params_dtype)
+      logits = jnp.einsum("BTD,DV->BTV", h, w.astype(h.dtype)).astype(jnp.float32)
+    return logits, new_cache
+
+
+def _scalar_head(module: nn.Module, h, kernel_init):
+  """A [D] -> scalar projection per token, computed in float32: [B, T, D] -> [B, T]."""
+  w = module.param("head_kernel", nn.with_logical_partitioning(kernel_init, (ax.EMBED,)),
+                   (h.shape[-1],), module.cfg.params_dtype)
+  b = module.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                   module.cfg.params_dtype)
+  return jnp.einsum("BTD,D->BT", h.astype(jnp.float32), w.astype(jnp.float32)) + b.astype(jnp.float32)
+
+
+class ValueModel(nn.Module):
+  """Critic: a scalar value per token [B, T]; the output layer starts at zero."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, mask):
+    h, _ = Trunk(self.cfg, name="trunk")(tokens, positions, mask)
+    return _scalar_head(self, h, nn.initializers.zeros)
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+  """Column of each row's last non-padding token: mask [B, T] -> [B] int32 (0 for empty rows)."""
+  cols = jnp.arange(mask.shape[-1])
+  return jnp.max(jnp.where(mask > 0, cols, 0), axis=-1).astype(jnp.int32)
+
+
+class RewardModel(nn.Module):
+  """Reward model: a scalar per sequence [B], read at the last non-padding token.
+
+  `score = gain * raw + bias`; `gain`/`bias` (params `norm_gain`, `norm_bias`) normalize scores
+  (e.g. mean 0 / std 1 on the reference policy's samples) and may be trained or set after training.
+  With `per_token=True` it returns the raw per-token scalars [B, T] too.
+  """
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, mask, per_token: bool = False):
+    h, _ = Trunk(self.cfg, name="trunk")(tokens, positions, mask)
+    raw = _scalar_head(self, h, nn.initializers.normal(self.cfg.d_model ** -0.5))  # [B, T]
+    gain = self.param("norm_gain", nn.with_logical_partitioning(nn.initializers.ones, ()), (),
+                      jnp.float32)
+    bias = self.param("norm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                      jnp.float32)
+    last = jnp.take_along_axis(raw, last_token_index(mask)[:, None], axis=1)[:, 0]  # [B]
+    score = gain * last + bias
+    return (score, raw) if per_token else score
+
+
+def transplant_trunk(dst_params, src_params):
+  """Return `dst_params` with its trunk replaced by `src_params`'s (heads kept)."""
+  if "trunk" not in dst_params or "trunk" not in src_params:
+    raise ValueError("both parameter trees need a 'trunk' subtree")
+  out = dict(dst_params)
+  out["trunk"] = src_params["trunk"]
+  return out

@@ -1,0 +1,89 @@
+"""Sampler: cached decode log-probs equal a full no-cache forward; stopping; truncation filters."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhfjax.models import PolicyModel, TransformerConfig, init_params
+from rlhfjax.models.sequence import response_logprobs
+from rlhfjax.sampling import SamplingConfig, filter_logits, generate
+
+CFG = TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                        d_ff=64, max_len=32)
+EOS = 3
+
+
+def _prompts():
+  ids = np.array([[0, 0, 5, 6, 7], [4, 9, 10, 11, 12], [0, 0, 0, 0, 8]], np.int32)
+  return jnp.asarray(ids), jnp.asarray((ids != 0).astype(np.int32))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_logprobs_match_full_forward(temperature, top_k, top_p):
+  params = init_params(PolicyModel(CFG), jax.random.key(0))
+  ids, mask = _prompts()
+  cfg = SamplingConfig(model=CFG, max_new_tokens=12, eos_id=EOS, temperature=temperature,
+                       top_k=top_k, top_p=top_p)
+  out = generate(params, ids, mask, jax.random.key(1), cfg)
+  full = response_logprobs(params, CFG, ids, mask, out.tokens, out.mask, temperature)
+  chex.assert_trees_all_close(out.logprobs, full, atol=1e-5)
+  assert float(out.mask.sum()) > 3
+  # mask is 1 up to and including the first EOS and 0 after it
+  for row_tok, row_mask in zip(np.asarray(out.tokens), np.asarray(out.mask)):
+    n = int(row_mask.sum())
+    assert (row_mask[:n] == 1).all() and (row_mask[n:] == 0).all()
+    assert EOS not in row_tok[: n - 1]
+
+
+def test_greedy_is_argmax_and_stops_at_eos():
+  params = init_params(PolicyModel(CFG), jax.random.key(2))
+  ids, mask = _prompts()
+  cfg = SamplingConfig(model=CFG, max_new_tokens=6, eos_id=EOS, greedy=True)
+  out = generate(params, ids, mask, jax.random.key(0), cfg)
+  # step-by-step argmax with a full forward pass each time
+  seq_ids, seq_mask = np.asarray(ids), np.asarray(mask)
+  apply = jax.jit(PolicyModel(CFG).apply)
+  for i in range(6):
+    pos = np.maximum(np.cumsum(seq_mask, 1) - 1, 0)
+    logits, _ = apply({"params": params}, seq_ids, pos, seq_mask)
+    nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
+    live = np.asarray(out.mask[:, i]) > 0
+    np.testing.assert_array_equal(np.asarray(out.tokens[:, i])[live], nxt[live])
+    seq_ids = np.concatenate([seq_ids, np.where(live, nxt, 0)[:, None]], 1)
+    seq_mask = np.concatenate([seq_mask, live[:, None].astype(np.int32)], 1)
+
+
+def test_eos_stops_each_row():
+  params = init_params(PolicyModel(CFG), jax.random.key(2))
+  ids, mask = _prompts()
+  free = generate(params, ids, mask, jax.random.key(0),
+                  SamplingConfig(model=CFG, max_new_tokens=8, eos_id=CFG.vocab_size - 1, greedy=True))
+  eos = int(free.tokens[0, 2])  # declare row 0's third greedy token to be EOS
+  out = generate(params, ids, mask, jax.random.key(0),
+                 SamplingConfig(model=CFG, max_new_tokens=8, eos_id=eos, greedy=True))
+  for row in range(3):
+    toks = list(np.asarray(free.tokens[row]))
+    expect = toks.index(eos) + 1 if eos in toks else 8
+    assert int(out.lengths[row]) == expect
+    assert bool(out.finished[row]) == (eos in toks)
+    np.testing.assert_array_equal(np.asarray(out.tokens[row, :expect]), toks[:expect])
+    np.testing.assert_array_equal(np.asarray(out.tokens[row, expect:]), 0)
+  assert int(out.lengths[0]) <= 3
+
+
+def test_filter_logits_top_k_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  k2 = np.asarray(filter_logits(logits, 2, 1.0))
+  assert np.isfinite(k2[0, :2]).all() and (k2[0, 2:] < -1e30).all()
+  p = np.asarray(filter_logits(logits, 0, 0.8))  # 0.5 + 0.2 = 0.7 < 0.8 -> keep third too
+  assert (p[0, :3] > -1e30).all() and (p[0, 3:] < -1e30).all()
+
+
+def test_overlong_prompt_errors():
+  params = init_params(PolicyModel(CFG), jax.random.key(0))
+  ids = jnp.ones((1, 30), jnp.int32)
+  with pytest.raises(ValueError, match="exceeds the model's max_len"):
+    generate(params, ids, jnp.ones_like(ids), jax.random.key(0),
+             SamplingConfig(model=CFG, max_new_tokens=8, eos_id=EOS))
