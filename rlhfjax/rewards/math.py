@@ -142,6 +142,14 @@ def _to_fraction(s: str) -> Fraction | float | None:
   return x if math.isfinite(x) else None
 
 
+def _is_float(s: str) -> bool:
+  try:
+    float(s)
+    return True
+  except (ValueError, OverflowError):
+    return False
+
+
 def _terminates(q: Fraction) -> bool:
   """Whether ``q`` has a finite decimal expansion (denominator 2^a 5^b)."""
   d = q.denominator
@@ -160,8 +168,8 @@ def answers_match(pred: Any, gold: Any, *, rel_tol: float = 1e-6) -> bool:
     if not p_str or not g_str:
       return False
     p, g = _to_fraction(p_str), _to_fraction(g_str)
-    if p is None and g is None:
-      return p_str.lower() == g_str.lower()
+    if p is None and g is None:  # non-numeric answers, but never "nan"/"inf"
+      return p_str.lower() == g_str.lower() and not (_is_float(p_str) or _is_float(g_str))
     if p is None or g is None:
       return False
     if isinstance(p, Fraction) and isinstance(g, Fraction):
