@@ -170,18 +170,17 @@ def _release_uid(uid: int | None) -> None:
 
 
 def _pids_of_uid(uid: int) -> list[int]:
+  """Live (non-zombie) processes whose real uid is ``uid``."""
   pids = []
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
       continue
     try:
       with open(f"/proc/{entry}/status") as f:
-        for line in f:
-          if line.startswith("Uid:"):
-            if int(line.split()[1]) == uid:
-              pids.append(int(entry))
-            break
-    except (OSError, ValueError):
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
+      if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+        pids.append(int(entry))
+    except (OSError, ValueError, KeyError):
       continue
   return pids
 
@@ -286,7 +285,8 @@ def run_code_tests(
     return _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes, uid)
   finally:
     if proc is not None:
-      _kill_group(proc)
+      if proc.returncode is None:  # not reaped yet, so its pgid cannot have been reused
+        _kill_group(proc)
       proc.wait()
       for f in (proc.stdin, proc.stdout, proc.stderr):
         if f is not None:
@@ -377,8 +377,15 @@ def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes
     if limit_hit:
       break
   sel.close()
-  _kill_group(proc)
-  returncode = proc.wait()
+  # Kill the sandboxed processes first, so the launcher reaps its child and exits on its own
+  # (killing the launcher first would leave the namespace's init for the host's pid 1 to reap).
+  if uid is not None:
+    _kill_uid(uid)
+  try:
+    returncode = proc.wait(timeout=1.0)
+  except subprocess.TimeoutExpired:
+    _kill_group(proc)
+    returncode = proc.wait()
   if uid is not None:
     _kill_uid(uid)
   wall_s = time.monotonic() - start
