@@ -235,3 +235,19 @@ def test_extract_code():
   assert extract_code("```python\na\n```\n```bash\nls\n```") == "a\n"
   assert extract_code("<thinking>```python\nbad\n```</thinking>```python\ngood\n```") == "good\n"
   assert extract_code("x = 1") == "x = 1"
+
+
+def test_disk_filling_is_capped():
+  code = (
+      "import os\n"
+      "written = 0\n"
+      "for i in range(100):\n"
+      "  try:\n"
+      "    with open(f'f{i}', 'wb') as f:\n"
+      "      for _ in range(8):\n"
+      "        f.write(b'x' * (1 << 20)); written += 1 << 20\n"
+      "  except OSError:\n"
+      "    pass\n"
+  )
+  r = run_code_tests(code, ["assert written < (64 << 20), written"], disk_mb=16, max_file_bytes=4 << 20)
+  assert r.status == "ok", r
