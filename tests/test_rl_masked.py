@@ -65,3 +65,12 @@ def test_whiten_single_token_is_finite():
   out = rl.whiten(x, np.array([[1.0, 0.0]]))
   chex.assert_tree_all_finite(out)
   chex.assert_trees_all_close(out, np.zeros((1, 2)))
+
+
+def test_bfloat16_counts_are_exact():
+  n = 1001  # not representable in bfloat16 (rounds to 1000)
+  x = jax.numpy.ones((1, n), jax.numpy.bfloat16)
+  mask = jax.numpy.ones((1, n), jax.numpy.bfloat16)
+  assert rl.masked_mean(x, mask).dtype == jax.numpy.float32
+  assert float(rl.masked_sum(x, mask)) == n
+  assert float(rl.masked_mean(x * 3, mask)) == 3.0

@@ -2,7 +2,8 @@
 
 All functions take ``x`` and a ``mask`` of the same shape (usually ``[batch, length]``) where
 ``mask`` is 1.0 on tokens that count and 0.0 on padding. Entries with mask 0 never influence the
-result, even if they hold ``inf`` or ``nan`` (padded log-probabilities often do).
+result, even if they hold ``inf`` or ``nan`` (padded log-probabilities often do). Reductions are
+computed in float32 (or wider), so bfloat16 inputs give float32 results with exact token counts.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import jax.numpy as jnp
 
 
 def _masked(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """``x * mask`` with masked-out entries forced to exactly 0 (so ``inf * 0`` cannot leak a nan)."""
+  """``x * mask`` in float32 or wider, masked-out entries exactly 0 (``inf * 0`` cannot leak)."""
   x = jnp.asarray(x)
-  mask = jnp.asarray(mask, dtype=x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
-  return jnp.where(mask != 0, x * mask, jnp.zeros((), mask.dtype))
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mask = jnp.asarray(mask, x.dtype)
+  return jnp.where(mask != 0, x * mask, jnp.zeros((), x.dtype))
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
@@ -69,7 +71,7 @@ def masked_var(
     The masked variance, with ``axis`` reduced.
   """
   mean = masked_mean(x, mask, axis=axis, keepdims=True)
-  centered = jnp.asarray(x) - mean
+  centered = jnp.asarray(x).astype(mean.dtype) - mean
   var = masked_mean(centered * centered, mask, axis=axis, keepdims=keepdims)
   if unbiased:
     count = jnp.sum(jnp.asarray(mask, var.dtype), axis=axis, keepdims=keepdims)
@@ -93,9 +95,10 @@ def whiten(
     eps: added to the variance before the square root.
 
   Returns:
-    Whitened ``x``, same shape; entries with mask 0 are 0.
+    Whitened ``x``, same shape, float32 or wider; entries with mask 0 are 0.
   """
   x = jnp.asarray(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = masked_mean(x, mask)
   var = masked_var(x, mask, unbiased=True)
   out = (x - mean) * jax.lax.rsqrt(var + eps)
