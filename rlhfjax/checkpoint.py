@@ -1,0 +1,212 @@
+"""Orbax checkpoints for a run: one train-state pytree plus a small JSON `meta` dict per step.
+
+Layout (``directory/<step>/{state,meta}``) is Orbax's ``CheckpointManager`` with two items:
+
+- ``state``: any pytree of ``jax.Array`` / ``np.ndarray`` / scalars — params, optimizer state, step,
+  rng key, KL-controller state. Saved with ``StandardSave`` (tensorstore, sharded-aware).
+- ``meta``: JSON-serializable dict — data-iterator position, stage name, config hash, ...
+
+Typed PRNG keys (``jax.random.key``) have an extended dtype tensorstore cannot write. ``save``
+replaces them with ``jax.random.key_data`` (``uint32[..., 2]`` for threefry); ``restore`` sees a
+key dtype in the *abstract target* and re-wraps the restored data with ``jax.random.wrap_key_data``
+using the target's key implementation. So: the target must say the leaf is a typed key (as
+``jax.eval_shape`` / ``abstract_like`` of the live state does); legacy raw ``uint32[2]`` keys are
+plain arrays and need nothing.
+
+Crash safety: Orbax writes each step into a ``<step>.orbax-checkpoint-tmp-*`` directory and renames
+it when complete (atomic on local/POSIX file systems; GCS uses a commit marker instead). A process
+killed mid-save leaves only the tmp directory, which ``CheckpointManager`` ignores when listing
+steps (and which we ask it to delete on start-up), so ``latest_step`` is always a complete step.
+
+Async saves: ``save`` returns once device arrays are copied to host memory; the write to disk
+happens on a background thread. It is therefore safe to donate/delete the saved state in the next
+jitted step. Call ``wait()`` (or ``close()``, or leave the ``with`` block) before the process exits
+or before reading the checkpoint from another process; a later ``save`` waits for the previous one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_STATE = "state"
+_META = "meta"
+
+
+def _is_typed_key(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(dtype):
+  """PRNG implementation of a key dtype. JAX has no public accessor for an *abstract* key's impl
+  (``jax.random.key_impl`` wants a concrete key), so read the dtype's ``_impl``."""
+  return dtype._impl  # pylint: disable=protected-access
+
+
+def _sharding_of(x):
+  try:
+    return x.sharding
+  except AttributeError:
+    return None
+
+
+def abstract_like(state, shardings=None):
+  """``jax.ShapeDtypeStruct`` pytree describing ``state``, for ``Checkpointer.restore``.
+
+  Args:
+    state: pytree of arrays (or ShapeDtypeStructs). Python scalars become 0-d structs.
+    shardings: ``None`` (keep each leaf's own ``.sharding``, if any), one ``jax.sharding.Sharding``
+      for every leaf, or a pytree of shardings matching ``state``.
+  Returns:
+    Pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set where known. Typed PRNG keys keep their
+    key dtype (``restore`` relies on it).
+  """
+  def one(x, s):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if s is not None else _sharding_of(x))
+
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, shardings), state)
+  return jax.tree.map(one, state, shardings)
+
+
+def _key_data_abstract(x: jax.ShapeDtypeStruct, default_sharding) -> jax.ShapeDtypeStruct:
+  """Abstract ``key_data`` of an abstract typed key: extra trailing dims, uint32, same layout."""
+  data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  extra = data.ndim - len(x.shape)
+  sharding = x.sharding if x.sharding is not None else default_sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, *(None,) * extra))
+  elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    # Other shardings (e.g. Positional/GSPMD) cannot be extended generically: replicate the tiny key.
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(list(sharding.device_set)), ("d",)), jax.sharding.PartitionSpec())
+  return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+class Checkpointer:
+  """Save/restore a train-state pytree plus JSON meta with step management.
+
+  Example::
+
+    with Checkpointer(workdir + "/checkpoints", max_to_keep=3, save_interval_steps=100) as ckpt:
+      if (step := ckpt.latest_step()) is not None:
+        state, meta = ckpt.restore(abstract_like(state))   # or eval_shape(init) + shardings
+        data_iter.set_state(meta["data"])
+      for step in ...:
+        state = train_step(state, batch)
+        ckpt.save(step, state, {"data": data_iter.get_state(), "stage": "ppo"})
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+               async_save: bool = True):
+    """Args:
+      directory: checkpoint root (created if missing). Local path or any epath (gs://...).
+      max_to_keep: keep only the newest N complete steps (None keeps all).
+      save_interval_steps: ``save`` writes only when ``step % save_interval_steps == 0``
+        (unless ``force=True``).
+      async_save: write to disk on a background thread (see module docstring).
+    """
+    self.directory = os.fspath(directory)
+    self._interval = max(1, int(save_interval_steps))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # drop leftovers of saves killed mid-write
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+
+  # -- saving ---------------------------------------------------------------------------------
+
+  def save(self, step: int, state, meta: dict | None = None, *, force: bool = False) -> bool:
+    """Saves ``state`` and ``meta`` as ``step``; returns True if a save was started.
+
+    Skipped (returns False) when ``step`` is not a multiple of ``save_interval_steps`` (unless
+    ``force``), or when ``step`` is not newer than the latest saved step (re-running a step after
+    resume is a no-op rather than an error). With ``async_save`` the write continues in the
+    background; ``state`` may be donated/deleted as soon as this returns.
+    """
+    step = int(step)
+    latest = self._manager.latest_step()
+    if latest is not None and step <= latest:
+      return False
+    # Plain `step % interval` (Orbax's own policy would also always save the first step seen).
+    # A preemption notice (multi-host TPU) also triggers a save, as in Orbax.
+    if not force and step % self._interval and not self._manager.reached_preemption(step):
+      return False
+    state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, state)
+    args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
+                                 _META: ocp.args.JsonSave(dict(meta or {}))})
+    return bool(self._manager.save(step, args=args, force=True))
+
+  def wait(self) -> None:
+    """Blocks until any background save has finished writing."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for background saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- restoring ------------------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    """Newest step: complete on disk when this Checkpointer was made, or saved through it since
+    (an async save in flight counts; ``restore`` waits for it)."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All kept steps, oldest first (same caveat as ``latest_step``)."""
+    return sorted(self._manager.all_steps())
+
+  def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
+    """Restores ``(state, meta)`` from ``step`` (default: latest).
+
+    Args:
+      abstract_state: pytree matching the saved state, of ``jax.ShapeDtypeStruct`` with
+        ``.sharding`` (``jax.eval_shape(init)`` + shardings, or ``abstract_like``) or of concrete
+        arrays (only their shape/dtype/sharding are used). Restored arrays are placed with those
+        shardings; a leaf without a sharding lands on the first device. Typed-key leaves come back
+        as typed keys of the same implementation.
+      step: which step; ``None`` for the latest.
+    Raises:
+      FileNotFoundError: no (complete) checkpoint / no such step in the directory.
+    """
+    self.wait()
+    self._manager.reload()  # pick up steps finished since (also by other processes)
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+      step = steps[-1]
+    elif int(step) not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
+    step = int(step)
+
+    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = abstract_like(abstract_state)
+    target = jax.tree.map(
+        lambda x: _key_data_abstract(x, default_sharding) if _is_typed_key(x)
+        else (x if x.sharding is not None
+              else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default_sharding)),
+        abstract)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
+    state = jax.tree.map(
+        lambda x, a: jax.random.wrap_key_data(x, impl=_key_impl(a.dtype)) if _is_typed_key(a) else x,
+        restored[_STATE], abstract)
+    return state, dict(restored[_META] or {})
