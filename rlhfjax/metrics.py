@@ -1,0 +1,323 @@
+"""Everything a run writes for humans, all inside its workdir.
+
+- ``metrics.jsonl``: one JSON object per ``MetricsWriter.write`` — ``{"stage", "step", "time", **metrics}``
+  (NaN/inf become ``null`` so every line is strict JSON).
+- ``tb/``: TensorBoard events (tensorboardX, no TensorFlow), tags ``"<stage>/<key>"``.
+- ``samples.jsonl``: generated samples, one row per line with ``stage``/``step`` added.
+- ``plots/<stage>.png``: one figure per stage, a subplot per metric (``plot_curves``).
+- ``report.md``: markdown summary with tables (``write_report``).
+
+matplotlib and tensorboardX are imported lazily so ``import rlhfjax.metrics`` stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+_RESERVED = ("stage", "step", "time")
+_MAX_PLOT_KEYS = 12
+
+
+def _to_float(value) -> float:
+  """Python/NumPy/JAX scalar (or size-1 array) -> float. Raises TypeError for anything else."""
+  if isinstance(value, (bool, np.bool_)):
+    return float(value)
+  if isinstance(value, numbers.Number):
+    return float(value)
+  arr = np.asarray(value)  # pulls a jax.Array to host
+  if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    raise TypeError(f"metric must be a scalar, got {type(value).__name__} shape={arr.shape}")
+  return float(arr.reshape(()))
+
+
+def _json_float(x: float) -> float | None:
+  return x if math.isfinite(x) else None
+
+
+def _jsonable(value):
+  """Best-effort conversion of sample-row values (arrays, numpy scalars) to JSON types."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, (str, bool)) or value is None:
+    return value
+  if isinstance(value, numbers.Number):
+    return _json_float(float(value)) if isinstance(value, float) else value
+  if hasattr(value, "__array__"):
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+      item = arr.item()
+      return _json_float(item) if isinstance(item, float) else item
+    return _jsonable(arr.tolist())
+  return str(value)
+
+
+class MetricsWriter:
+  """Appends scalar metrics to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
+
+  Appending (not truncating) means a resumed run continues the same files; readers get every line
+  including steps repeated after a resume from an older checkpoint.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.workdir = os.fspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self._metrics = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
+    self._samples = None
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      # NaN/inf are written on purpose (TB shows them); don't log a warning per scalar per step.
+      logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+      self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"), flush_secs=10)
+
+  def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes one line ``{"stage", "step", "time", **metrics}`` and one TB scalar per key.
+
+    Args:
+      stage: e.g. ``"sft"``, ``"reward"``, ``"ppo"``; prefixes TensorBoard tags.
+      step: global step of the stage.
+      metrics: name -> scalar (Python, NumPy or JAX; device arrays are pulled to host here, so pass
+        them all at once after the step). Non-finite values are ``null`` in JSON, kept in TB.
+    """
+    step = int(step)
+    values = {str(k): _to_float(v) for k, v in metrics.items()}
+    clash = [k for k in values if k in _RESERVED]
+    if clash:
+      raise ValueError(f"metric names {clash} are reserved ({_RESERVED})")
+    row = {"stage": stage, "step": step, "time": time.time(),
+           **{k: _json_float(v) for k, v in values.items()}}
+    self._metrics.write(json.dumps(row, allow_nan=False) + "\n")
+    self._metrics.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(f"{stage}/{k}", v, global_step=step)
+
+  def write_samples(self, stage: str, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Appends ``rows`` (e.g. ``{"prompt", "completion", "reward"}``) to ``workdir/samples.jsonl``."""
+    if self._samples is None:
+      self._samples = open(os.path.join(self.workdir, SAMPLES_FILE), "a", encoding="utf-8")
+    for row in rows:
+      line = {"stage": stage, "step": int(step), **_jsonable(dict(row))}
+      self._samples.write(json.dumps(line, allow_nan=False, ensure_ascii=False) + "\n")
+    self._samples.flush()
+
+  def flush(self) -> None:
+    self._metrics.flush()
+    if self._samples is not None:
+      self._samples.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    for f in (self._metrics, self._samples):
+      if f is not None and not f.closed:
+        f.close()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # a torn last line from a killed run
+        continue
+  return rows
+
+
+def read_metrics(workdir: str, stage: str | None = None) -> list[dict]:
+  """All rows of ``workdir/metrics.jsonl`` (optionally one stage), in write order; null -> NaN."""
+  rows = _read_jsonl(os.path.join(os.fspath(workdir), METRICS_FILE))
+  out = []
+  for r in rows:
+    if stage is not None and r.get("stage") != stage:
+      continue
+    out.append({k: (math.nan if v is None else v) for k, v in r.items()})
+  return out
+
+
+def read_samples(workdir: str) -> list[dict]:
+  """All rows of ``workdir/samples.jsonl``."""
+  return _read_jsonl(os.path.join(os.fspath(workdir), SAMPLES_FILE))
+
+
+class ProgressBar:
+  """Thin tqdm wrapper showing ``step``, ``loss`` and ``tok/s``; refreshes at most once a second.
+
+  ``update(step, ...)`` takes the absolute step (not an increment), so it is resume-friendly.
+  """
+
+  def __init__(self, total: int, desc: str = "", initial: int = 0, *, disable: bool | None = None):
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    # disable=None: tqdm turns itself off when stderr is not a TTY (CI logs stay clean).
+    self._bar = tqdm(total=total, desc=desc, initial=initial, mininterval=1.0, maxinterval=10.0,
+                     dynamic_ncols=True, disable=disable, unit="step")
+    self._step = int(initial)
+
+  def update(self, step: int, loss=None, tokens_per_s=None, **extra) -> None:
+    step = int(step)
+    if step > self._step:
+      self._bar.update(step - self._step)
+      self._step = step
+    post = {}
+    if loss is not None:
+      post["loss"] = f"{_to_float(loss):.4g}"
+    if tokens_per_s is not None:
+      post["tok/s"] = f"{_to_float(tokens_per_s):,.0f}"
+    for k, v in extra.items():
+      try:
+        post[k] = f"{_to_float(v):.4g}"
+      except TypeError:
+        post[k] = str(v)
+    if post:
+      self._bar.set_postfix(post, refresh=False)  # shown at the next (rate-limited) refresh
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> "ProgressBar":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _numeric_keys(rows: Iterable[dict]) -> list[str]:
+  keys: dict[str, bool] = {}
+  for r in rows:
+    for k, v in r.items():
+      if k in _RESERVED:
+        continue
+      ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+      keys[k] = keys.get(k, True) and ok
+  return [k for k, ok in keys.items() if ok]
+
+
+def plot_curves(workdir: str, stages: Sequence[str] | None = None) -> list[str]:
+  """Plots ``metrics.jsonl`` to ``workdir/plots/<stage>.png``: a subplot per numeric metric.
+
+  At most 12 metrics per stage (first seen first). Returns the written paths (none if no metrics).
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  rows = read_metrics(workdir)
+  if stages is None:
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+  out_dir = os.path.join(os.fspath(workdir), "plots")
+  paths = []
+  for stage in stages:
+    srows = [r for r in rows if r.get("stage") == stage]
+    keys = _numeric_keys(srows)[:_MAX_PLOT_KEYS]
+    if not keys:
+      continue
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+      pts = sorted((r["step"], r[key]) for r in srows if key in r)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+      ax.set_title(key, fontsize=10)
+      ax.set_xlabel("step", fontsize=8)
+      ax.tick_params(labelsize=8)
+      ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+      ax.axis("off")
+    fig.suptitle(stage)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stage}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def _fmt_cell(v) -> str:
+  if isinstance(v, float):
+    return "nan" if math.isnan(v) else f"{v:.4g}"
+  if v is None:
+    return ""
+  return str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """GitHub-flavoured markdown table; columns are the union of keys in first-seen order."""
+  if not rows:
+    return "_(empty)_"
+  cols = list(dict.fromkeys(k for r in rows for k in r))
+  esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+  lines = ["| " + " | ".join(esc(str(c)) for c in cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join(esc(_fmt_cell(r.get(c))) for c in cols) + " |")
+  return "\n".join(lines)
+
+
+def write_report(workdir: str, title: str, sections: Mapping[str, str | Sequence[Mapping]]) -> str:
+  """Writes ``workdir/report.md``: ``# title`` then ``## name`` per section (text or a table of
+  dict rows). Plots in ``workdir/plots`` are linked at the end. Returns the path."""
+  parts = [f"# {title}", ""]
+  for name, body in sections.items():
+    parts += [f"## {name}", ""]
+    parts.append(body if isinstance(body, str) else markdown_table(list(body)))
+    parts.append("")
+  plots_dir = os.path.join(os.fspath(workdir), "plots")
+  if os.path.isdir(plots_dir):
+    pngs = sorted(p for p in os.listdir(plots_dir) if p.endswith(".png"))
+    if pngs:
+      parts += ["## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in pngs] + [""]
+  path = os.path.join(os.fspath(workdir), "report.md")
+  os.makedirs(os.fspath(workdir), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(parts))
+  return path
+
+
+def _clip(s: str, n: int) -> str:
+  s = s.replace("\n", "⏎")
+  return s if len(s) <= n else s[: max(0, n - 1)] + "…"
+
+
+def samples_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 8, max_chars: int = 80) -> str:
+  """Plain-text table for the console: at most ``max_rows`` rows, cells clipped to ``max_chars``
+  (with ``…``), newlines shown as ``⏎``; a footer says how many rows were left out."""
+  if not rows:
+    return "(no samples)"
+  cols = list(dict.fromkeys(k for r in rows for k in r))
+  shown = [[_clip(_fmt_cell(r.get(c)), max_chars) for c in cols] for r in rows[:max_rows]]
+  header = [_clip(str(c), max_chars) for c in cols]
+  widths = [max(len(header[i]), *(len(row[i]) for row in shown)) for i in range(len(cols))]
+  fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+  lines = [fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in shown]
+  if len(rows) > max_rows:
+    lines.append(f"... ({len(rows) - max_rows} more rows)")
+  return "\n".join(lines)
