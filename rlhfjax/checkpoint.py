@@ -58,7 +58,8 @@ def abstract_like(state, shardings=None):
   """``jax.ShapeDtypeStruct`` pytree describing ``state``, for ``Checkpointer.restore``.
 
   Args:
-    state: pytree of arrays (or ShapeDtypeStructs). Python scalars become 0-d structs.
+    state: pytree of arrays (or ShapeDtypeStructs). Python/NumPy scalars become 0-d structs and
+      are restored as 0-d ``jax.Array``s (64-bit narrowed to 32-bit unless ``jax_enable_x64``).
     shardings: ``None`` (keep each leaf's own ``.sharding``, if any), one ``jax.sharding.Sharding``
       for every leaf, or a pytree of shardings matching ``state``.
   Returns:
