@@ -185,7 +185,7 @@ class Trunk(nn.Module):
     cfg = self.cfg
     self.embedding = self.param(
         "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (ax.VOCAB, ax.EMBED)),
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model ** -0.5), (ax.VOCAB, ax.EMBED)),
         (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
     self.layers = nn.scan(
@@ -200,7 +200,9 @@ class Trunk(nn.Module):
 
   def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0):
     cfg = self.cfg
-    x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.compute_dtype)  # [batch, time, d_model]
+    # Gemma-style: small embedding init (tied logits start near N(0, 1)), inputs scaled by sqrt(d).
+    x = jnp.take(self.embedding, tokens, axis=0) * jnp.sqrt(float(cfg.d_model))
+    x = x.astype(cfg.compute_dtype)  # [batch, time, d_model]
     x, new_cache = self.layers(x, cache, positions, mask, cache_index)
     return self.final_norm(x), new_cache
 

@@ -1,0 +1,76 @@
+"""Arithmetic: train a tokenizer and an SFT policy on 2-digit addition with a scratchpad.
+
+    python -m rlhfjax.main --config=experiments/arithmetic.py --workdir=/tmp/arith --config.sft.steps=300
+"""
+
+import ml_collections
+
+
+def model_config():
+  m = ml_collections.ConfigDict()
+  m.d_model = 128  # residual width
+  m.n_layers = 4  # transformer blocks (scanned)
+  m.n_heads = 4  # query heads
+  m.n_kv_heads = 2  # key/value heads (grouped-query attention)
+  m.head_dim = 32  # per-head width
+  m.d_ff = 384  # SwiGLU hidden width
+  m.rope_base = 10_000.0  # rotary base frequency
+  m.tie_embeddings = True  # LM head shares the embedding matrix
+  m.dtype = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
+  m.param_dtype = "float32"  # parameter storage dtype
+  m.remat = False  # recompute layer activations in the backward pass
+  return m
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds init, data order and sampling
+  c.stages = "sft"  # comma-separated stages run in order: sft, rm, ppo, rl
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""  # existing sentencepiece .model; "" = train one into <workdir>/tokenizer.model
+  c.tokenizer.vocab_size = 96  # target vocabulary when training (digits are always single tokens)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""  # TFDS data dir; "" = <workdir>/tfds
+  c.data.ops = "+"  # operators drawn uniformly, any of "+-*"
+  c.data.min_digits = 2  # fewest digits per operand
+  c.data.max_digits = 2  # most digits per operand
+  c.data.thinking = True  # demonstrations carry a <thinking> scratchpad
+  c.data.flaw = "none"  # teacher weakness: "none" or "drop_carry" (forgets carries)
+  c.data.flaw_prob = 1.0  # how often the flawed teacher forgets a carry
+  c.data.num_train = 10_000  # training examples
+  c.data.num_test = 1_000  # held-out examples (questions disjoint from train)
+  c.data.max_prompt_len = 16  # prompt tokens (left-padded); longer prompts are an error
+  c.data.max_response_len = 40  # response tokens incl. EOS (right-padded)
+
+  c.model = model_config()
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+  c.sharding = ml_collections.ConfigDict()
+  # logical axis -> mesh axes; the one rules table (see rlhfjax/parallel/axes.py)
+  c.sharding.rules = (("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"),
+                      ("mlp", "tensor"), ("heads", "tensor"), ("kv", None), ("vocab", "tensor"),
+                      ("layers", None))
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 300  # optimizer updates
+  c.sft.batch_size = 32  # global batch
+  c.sft.learning_rate = 3e-3  # peak AdamW learning rate
+  c.sft.warmup_steps = 30  # linear warmup steps
+  c.sft.min_lr_ratio = 0.1  # cosine floor as a fraction of the peak
+  c.sft.weight_decay = 0.01  # decoupled weight decay on matrices
+  c.sft.grad_clip = 1.0  # global-norm clip (0 = off)
+  c.sft.log_every = 20  # metrics every N steps
+  c.sft.eval_every = 0  # eval every N steps (0 = before and after only)
+  c.sft.eval_examples = 128  # held-out problems for accuracy
+  c.sft.checkpoint_every = 100  # save every N steps and at the end
+  c.sft.keep_checkpoints = 2  # checkpoints kept
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64  # prompts per sampling batch
+  c.eval.temperature = 1.0  # temperature of the "sampled" accuracy
+
+  c.lock()
+  return c

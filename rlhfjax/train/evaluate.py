@@ -1,0 +1,56 @@
+"""Sampling-based evaluation: completions for held-out prompts, task accuracy, held-out loss."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from rlhfjax.models.transformer import TransformerConfig
+from rlhfjax.sampling import SamplingConfig, generate
+
+
+def pad_to_multiple(items: list, multiple: int) -> tuple[list, int]:
+  """Repeat the last item so len is a multiple (one compiled shape); returns (items, real count)."""
+  n = len(items)
+  if n == 0:
+    raise ValueError("nothing to evaluate: empty list")
+  return items + [items[-1]] * (-n % multiple), n
+
+
+def generate_completions(params, model_cfg: TransformerConfig, tokenizer, questions: Sequence[str], *,
+                         max_prompt_len: int, max_new_tokens: int, batch_size: int, rng,
+                         greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0) -> list[str]:
+  """Decoded responses, one per question, sampled in fixed-shape batches."""
+  cfg = SamplingConfig(model=model_cfg, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                       pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                       greedy=greedy)
+  padded, n = pad_to_multiple(list(questions), batch_size)
+  texts = []
+  for i in range(0, len(padded), batch_size):
+    ids, mask = tokenizer.encode_prompts(padded[i:i + batch_size], max_prompt_len)
+    out = generate(params, ids, mask, jax.random.fold_in(rng, i), cfg)
+    texts += tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.mask))
+  return texts[:n]
+
+
+def task_accuracy(params, model_cfg, tokenizer, examples: Sequence[dict], *, max_prompt_len: int,
+                  max_new_tokens: int, batch_size: int, rng, temperature: float = 1.0):
+  """Accuracy of greedy and temperature-sampled answers against `answer`; also returns samples."""
+  from rlhfjax.rewards import math_reward
+  questions = [e["prompt"] for e in examples]
+  answers = [e["answer"] for e in examples]
+  out, samples = {}, []
+  for name, greedy in (("greedy", True), ("sampled", False)):
+    texts = generate_completions(params, model_cfg, tokenizer, questions,
+                                 max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, rng=rng, greedy=greedy,
+                                 temperature=temperature)
+    correct = math_reward(texts, answers)
+    out[f"accuracy_{name}"] = float(np.mean(correct))
+    if greedy:
+      samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c))
+                 for q, t, a, c in zip(questions, texts, answers, correct)]
+  return out, samples

@@ -1,0 +1,138 @@
+"""`train_and_evaluate(config, workdir)`: the host side of a run, stage by stage.
+
+A `Run` holds what every stage shares (config, workdir, tokenizer, data, mesh, metrics writer). Each
+stage (`sft`, later `rm`, `ppo`, `rl`) keeps its own Orbax checkpoints in `<workdir>/checkpoints/<stage>`
+and is resumable: re-running the same command continues a stage where its last checkpoint left it,
+and skips a finished stage (its final parameters are loaded for the next one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhfjax.config import to_dataclass, to_json
+from rlhfjax.models.transformer import TransformerConfig
+from rlhfjax.parallel import create_mesh
+
+log = logging.getLogger("rlhfjax")
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: Any
+  model_cfg: TransformerConfig
+  mesh: Any
+  rules: tuple
+  writer: Any
+  train_examples: Any
+  test_examples: Any
+  results: dict = dataclasses.field(default_factory=dict)  # stage -> summary numbers
+  params: dict = dataclasses.field(default_factory=dict)  # stage -> final parameters
+
+  def ckpt_dir(self, stage: str) -> str:
+    return os.path.join(self.workdir, "checkpoints", stage)
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.seed)
+
+
+STAGES: dict[str, Callable[[Run], dict]] = {}
+
+
+def register_stage(name: str):
+  def deco(fn):
+    STAGES[name] = fn
+    return fn
+  return deco
+
+
+def arithmetic_config(data: ml_collections.ConfigDict):
+  from rlhfjax.data import ArithmeticConfig
+  return ArithmeticConfig(ops=tuple(data.ops), min_digits=data.min_digits, max_digits=data.max_digits,
+                          thinking=data.thinking, flaw=data.flaw, flaw_prob=data.flaw_prob)
+
+
+def load_data(config, workdir):
+  """Train and test examples of the arithmetic task family (TFDS array_record, built on first use)."""
+  import tensorflow_datasets as tfds
+  from rlhfjax.data import builder_config_for, load_arithmetic
+  tfds.disable_progress_bar()
+  d = config.data
+  bc = builder_config_for(arithmetic_config(d), num_train=d.num_train, num_test=d.num_test,
+                          seed=config.seed)
+  data_dir = d.data_dir or os.path.join(workdir, "tfds")
+  train, test = load_arithmetic(data_dir, bc, "train"), load_arithmetic(data_dir, bc, "test")
+  if len(train) == 0 or len(test) == 0:
+    raise ValueError(f"empty dataset: {len(train)} train / {len(test)} test examples; "
+                     "raise config.data.num_train / num_test")
+  return train, test
+
+
+def prepare_tokenizer(config, workdir, train_examples):
+  from rlhfjax.tokenizer import Tokenizer, template_texts, train_tokenizer
+  if config.tokenizer.path:
+    return Tokenizer.load(config.tokenizer.path)
+  path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(path):
+    train_tokenizer(template_texts(train_examples), path, vocab_size=config.tokenizer.vocab_size)
+  return Tokenizer.load(path)
+
+
+def make_model_config(config, tokenizer) -> TransformerConfig:
+  vocab = -(-tokenizer.vocab_size // 8) * 8  # pad the table to a multiple of 8 (ids above decode to unk)
+  return to_dataclass(TransformerConfig, config.model, vocab_size=vocab,
+                      max_len=config.data.max_prompt_len + config.data.max_response_len)
+
+
+def stage_list(config) -> list[str]:
+  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise ValueError(f"config.stages: unknown stage(s) {unknown}; valid: {sorted(STAGES)}")
+  return stages
+
+
+def _import_stages():
+  import rlhfjax.train.sft_loop  # noqa: F401  (registers "sft")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Run `config.stages` in order in `workdir`; resumable. Returns {stage: results}."""
+  from rlhfjax.metrics import MetricsWriter, plot_curves, write_report
+  _import_stages()
+  stages = stage_list(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(to_json(config))
+  train, test = load_data(config, workdir)
+  tokenizer = prepare_tokenizer(config, workdir, train)
+  model_cfg = make_model_config(config, tokenizer)
+  mesh = create_mesh(tuple(config.mesh.shape))
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  writer = MetricsWriter(workdir)
+  run = Run(config=config, workdir=workdir, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh,
+            rules=rules, writer=writer, train_examples=train, test_examples=test)
+  try:
+    for stage in stages:
+      run.results[stage] = STAGES[stage](run)
+  finally:
+    writer.close()
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(run.results, f, indent=2, default=float)
+  plots = plot_curves(workdir)
+  sections = {"Results": [dict(stage=s, **{k: v for k, v in r.items() if np.isscalar(v)})
+                          for s, r in run.results.items()],
+              "Plots": "\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plots)}
+  write_report(workdir, "rlhfjax run report", sections)
+  return run.results
