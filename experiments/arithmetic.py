@@ -64,7 +64,7 @@ def get_config():
   c.sft.grad_clip = 1.0  # global-norm clip (0 = off)
   c.sft.log_every = 20  # metrics every N steps
   c.sft.eval_every = 0  # eval every N steps (0 = before and after only)
-  c.sft.eval_examples = 128  # held-out problems for accuracy
+  c.sft.eval_examples = 128  # held-out problems for accuracy (0 = skip)
   c.sft.checkpoint_every = 100  # save every N steps and at the end
   c.sft.keep_checkpoints = 2  # checkpoints kept
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import sys
 
@@ -35,7 +36,16 @@ def run():
   try:
     app.run(main)
   except (ValueError, KeyError, AttributeError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    msg = str(e.args[0] if e.args else e)
+    if msg[:1] in "'\"":  # ml_collections hands us a repr'd message
+      try:
+        msg = ast.literal_eval(msg)
+      except (ValueError, SyntaxError):
+        pass
+    msg = " ".join(msg.split())  # one line
+    if isinstance(e, (KeyError, AttributeError)):
+      msg = f"unknown config key {msg}"
+    print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
     sys.exit(2)
 
 

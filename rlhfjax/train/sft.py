@@ -30,7 +30,7 @@ class SFTConfig:
   grad_clip: float = 1.0  # global-norm gradient clipping (0 = off)
   log_every: int = 20  # metrics to metrics.jsonl / TensorBoard every N steps
   eval_every: int = 0  # held-out loss + accuracy every N steps (0 = only before and after)
-  eval_examples: int = 128  # held-out problems used for accuracy
+  eval_examples: int = 128  # held-out problems used for accuracy (0 = skip sampling-based eval)
   checkpoint_every: int = 100  # Orbax save every N steps (and at the end)
   keep_checkpoints: int = 2  # checkpoints kept on disk
 

@@ -22,6 +22,9 @@ log = logging.getLogger("rlhfjax")
 
 
 def evaluate_policy(run: Run, params, n_examples: int, rng) -> tuple[dict, list]:
+  """Greedy and sampled accuracy on the first `n_examples` held-out problems (0 = skip)."""
+  if n_examples <= 0:
+    return {}, []
   d = run.config.data
   examples = [run.test_examples[i] for i in range(min(n_examples, len(run.test_examples)))]
   return task_accuracy(params, run.model_cfg, run.tokenizer, examples,
