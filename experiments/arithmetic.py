@@ -22,6 +22,54 @@ def model_config():
   return m
 
 
+def rl_config(c):
+  """RL sections shared by the RL experiments (`rl` and `ppo` stages)."""
+  c.rl = ml_collections.ConfigDict()
+  c.rl.algo = "grpo"  # ppo | grpo | rloo | reinforce_pp | best_of_n
+  c.rl.iterations = 60  # sample -> score -> update rounds
+  c.rl.prompts_per_iter = 16  # distinct prompts per iteration
+  c.rl.group_size = 8  # responses per prompt (>= 2 for group baselines)
+  c.rl.epochs = 1  # passes over each rollout batch
+  c.rl.minibatch_size = 64  # responses per optimizer step
+  c.rl.microbatch_size = 0  # gradient accumulation chunk (0 = off)
+  c.rl.learning_rate = 1e-4  # policy AdamW lr
+  c.rl.value_learning_rate = 1e-4  # critic AdamW lr (ppo)
+  c.rl.warmup_steps = 5  # optimizer warmup steps
+  c.rl.weight_decay = 0.0  # decoupled weight decay
+  c.rl.grad_clip = 1.0  # global-norm clip
+  c.rl.clip_eps = 0.2  # PPO ratio clip
+  c.rl.clip_eps_high = 0.0  # asymmetric upper clip (DAPO 0.28); 0 = symmetric
+  c.rl.dual_clip = 0.0  # dual clip bound (> 1); 0 = off
+  c.rl.aggregation = "token"  # loss normalization: token | sequence | fixed
+  c.rl.value_clip = 0.2  # critic clip range; 0 = off
+  c.rl.gamma = 1.0  # discount
+  c.rl.lam = 0.95  # GAE lambda
+  c.rl.kl_coef = 0.05  # beta, weight of KL(pi || ref)
+  c.rl.kl_mode = "auto"  # reward | loss | none; auto = loss for grpo/best_of_n, reward otherwise
+  c.rl.kl_estimator = "k1"  # per-token KL estimator in the reward: k1 | k2 | k3
+  c.rl.adaptive_kl = False  # adaptive KL controller (Ziegler et al. 2019)
+  c.rl.kl_target = 6.0  # controller target KL (nats per sequence)
+  c.rl.kl_horizon = 10_000.0  # controller horizon (samples)
+  c.rl.entropy_coef = 0.0  # entropy bonus
+  c.rl.whiten_rewards = False  # scale scores by their batch std
+  c.rl.whiten_advantages = True  # normalize PPO / RLOO advantages
+  c.rl.advantage_scale = "group"  # GRPO std: group | batch | none
+  c.rl.best_of_n_k = 1  # best-of-N: top-k positive / bottom-k negative per group
+  c.rl.missing_eos_penalty = 0.0  # added to the score when a response never ends
+  c.rl.temperature = 1.0  # sampling temperature
+  c.rl.top_k = 0  # top-k sampling (0 = off)
+  c.rl.top_p = 1.0  # nucleus sampling (1 = off)
+  c.rl.max_new_tokens = 0  # response budget (0 = data.max_response_len)
+  c.rl_reward = "math:1.0"  # verifier rewards and weights for the `rl` stage, e.g. "math:1,format:0.1"
+  c.rl_loop = ml_collections.ConfigDict()
+  c.rl_loop.eval_every = 20  # eval every N iterations (0 = before/after only)
+  c.rl_loop.eval_examples = 128  # held-out problems per eval
+  c.rl_loop.eval_samples = 4  # samples per problem for pass@k / maj@k
+  c.rl_loop.log_every = 1  # metrics every N iterations
+  c.rl_loop.checkpoint_every = 10  # save every N iterations
+  c.rl_loop.keep_checkpoints = 2  # checkpoints kept
+
+
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds init, data order and sampling
@@ -67,6 +115,8 @@ def get_config():
   c.sft.eval_examples = 128  # held-out problems for accuracy (0 = skip)
   c.sft.checkpoint_every = 100  # save every N steps and at the end
   c.sft.keep_checkpoints = 2  # checkpoints kept
+
+  rl_config(c)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64  # prompts per sampling batch

@@ -1,0 +1,357 @@
+"""The RL core shared by PPO and the critic-free family: experience on device, one jitted update.
+
+    sample -> score -> make_experience (jitted) -> rl_update (jitted, state donated)
+
+PPO (value head + GAE), GRPO, RLOO, REINFORCE++ and best-of-N are *advantage estimators and loss
+options on the same update*: `make_experience` computes the advantages each algorithm prescribes, and
+`rl_update` runs the clipped-surrogate policy loss (plus a value loss when a critic exists) as a
+`lax.scan` over epochs x shuffled minibatches, each minibatch optionally accumulated over
+micro-batches. Nothing returns to Python inside an update.
+
+Loss normalization is exact under micro-batching and data parallelism: every micro-batch's loss is
+weighted by its share of the minibatch's aggregation units (tokens, sequences or rows — see
+`_units`), so the accumulated gradient equals the gradient of the whole-minibatch loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhfjax import rl
+from rlhfjax.models.heads import ValueModel
+from rlhfjax.models.sequence import concat_prompt_response, response_logits, token_logprobs
+from rlhfjax.models.transformer import TransformerConfig
+from rlhfjax.parallel import batch_sharding, replicated
+from rlhfjax.train.state import OptimConfig, TrainState
+
+ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """RL hyper-parameters (static; one frozen dataclass per run). Reference values in comments."""
+
+  algo: str = "grpo"  # ppo | grpo | rloo | reinforce_pp | best_of_n
+  iterations: int = 60  # sample -> update rounds
+  prompts_per_iter: int = 16  # distinct prompts per iteration
+  group_size: int = 8  # responses per prompt (GRPO 64 in DeepSeekMath; >= 2 for group methods)
+  epochs: int = 1  # passes over each batch of experience (PPO 4 in InstructGPT)
+  minibatch_size: int = 64  # responses per optimizer step
+  microbatch_size: int = 0  # gradient-accumulation chunk; 0 = whole minibatch at once
+  learning_rate: float = 1e-4  # policy AdamW lr
+  value_learning_rate: float = 1e-4  # critic AdamW lr (PPO)
+  warmup_steps: int = 5  # optimizer steps of linear warmup
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0  # global-norm clip
+  clip_eps: float = 0.2  # PPO ratio clip (Schulman et al. 2017)
+  clip_eps_high: float = 0.0  # asymmetric upper clip (DAPO 0.28); 0 = same as clip_eps
+  dual_clip: float = 0.0  # dual-clip bound c > 1 for negative advantages (Ye et al. 2020); 0 = off
+  aggregation: str = "token"  # token | sequence | fixed (loss normalization)
+  value_clip: float = 0.2  # critic clip range (lm-human-preferences 0.2); 0 = off
+  gamma: float = 1.0  # discount (1.0 for LM RL)
+  lam: float = 0.95  # GAE lambda
+  kl_coef: float = 0.05  # beta: KL(pi || ref) weight (initial value when adaptive)
+  kl_mode: str = "auto"  # reward | loss | none; auto: loss for grpo/best_of_n, reward otherwise
+  kl_estimator: str = "k1"  # estimator of the per-token KL penalty in the reward (k1, k2, k3)
+  adaptive_kl: bool = False  # Ziegler et al. 2019 proportional controller
+  kl_target: float = 6.0  # target sequence KL (nats) for the adaptive controller
+  kl_horizon: float = 10_000.0  # controller horizon in samples
+  entropy_coef: float = 0.0  # entropy bonus
+  whiten_rewards: bool = False  # divide scores by their batch std (scale only)
+  whiten_advantages: bool = True  # PPO / RLOO: normalize advantages over masked tokens
+  advantage_scale: str = "group"  # GRPO: group | batch | none (Dr. GRPO)
+  best_of_n_k: int = 1  # best-of-N: top-k positive, bottom-k negative per group
+  missing_eos_penalty: float = 0.0  # added to the score of responses that never emit EOS (e.g. -1)
+  temperature: float = 1.0  # sampling temperature (log-probs use the same temperature)
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 0  # 0 = config.data.max_response_len
+
+  def __post_init__(self):
+    if self.algo not in ALGOS:
+      raise ValueError(f"rl.algo must be one of {ALGOS}, got {self.algo!r}")
+    if self.kl_mode not in ("auto", "reward", "loss", "none"):
+      raise ValueError(f"rl.kl_mode must be auto|reward|loss|none, got {self.kl_mode!r}")
+    if self.algo in ("grpo", "rloo", "best_of_n") and self.group_size < 2:
+      raise ValueError(f"{self.algo} needs rl.group_size >= 2, got {self.group_size}")
+    if self.batch_size % self.minibatch_size:
+      raise ValueError(f"rollout batch {self.batch_size} (prompts_per_iter x group_size) is not a "
+                       f"multiple of rl.minibatch_size={self.minibatch_size}")
+    if self.microbatch_size and self.minibatch_size % self.microbatch_size:
+      raise ValueError(f"rl.minibatch_size={self.minibatch_size} is not a multiple of "
+                       f"rl.microbatch_size={self.microbatch_size}")
+
+  @property
+  def batch_size(self) -> int:
+    return self.prompts_per_iter * self.group_size
+
+  @property
+  def has_critic(self) -> bool:
+    return self.algo == "ppo"
+
+  @property
+  def kl_placement(self) -> str:
+    if self.kl_mode != "auto":
+      return self.kl_mode
+    return "loss" if self.algo in ("grpo", "best_of_n") else "reward"
+
+  def kl_controller(self):
+    if self.adaptive_kl:
+      return rl.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
+    return rl.FixedKLController(self.kl_coef)
+
+  def optim(self, value: bool = False) -> OptimConfig:
+    return OptimConfig(learning_rate=self.value_learning_rate if value else self.learning_rate,
+                       warmup_steps=self.warmup_steps, min_lr_ratio=1.0,
+                       weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+
+
+@flax.struct.dataclass
+class RLState:
+  policy: TrainState
+  value: Any  # TrainState of the critic, or None (critic-free)
+  kl: rl.KLState
+  iteration: jax.Array
+
+
+@flax.struct.dataclass
+class Experience:
+  """One rollout batch, all [B, ...] device arrays (B = prompts x group size)."""
+
+  prompt_ids: jax.Array  # [B, P]
+  prompt_mask: jax.Array  # [B, P]
+  response_ids: jax.Array  # [B, N]
+  response_mask: jax.Array  # [B, N] float32
+  old_logprobs: jax.Array  # [B, N] behaviour policy (recomputed, not the sampler's)
+  ref_logprobs: jax.Array  # [B, N] frozen reference
+  old_values: jax.Array  # [B, N] critic at collection (0 without a critic)
+  advantages: jax.Array  # [B, N]
+  returns: jax.Array  # [B, N] critic targets (0 without a critic)
+
+
+EXPERIENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Experience))
+
+
+def response_values(value_params, model_cfg: TransformerConfig, prompt_ids, prompt_mask,
+                    response_ids, response_mask):
+  """V(s_i) for each response token i (state = prompt + response[:i]): [B, N] float32."""
+  tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids,
+                                                   response_mask)
+  values = ValueModel(model_cfg).apply({"params": value_params}, tokens, positions, mask)
+  p = prompt_ids.shape[1]
+  return values[:, p - 1:-1]
+
+
+def last_token_onehot(mask):
+  """1.0 at each row's last masked column: [B, N] -> [B, N]."""
+  n = mask.shape[1]
+  last = jnp.max(jnp.where(mask > 0, jnp.arange(n), -1), axis=1)
+  return (jnp.arange(n)[None] == last[:, None]).astype(jnp.float32)
+
+
+def make_experience(policy_params, ref_params, value_params, rollout: dict, scores, kl_coef, *,
+                    cfg: RLConfig, model_cfg: TransformerConfig):
+  """Log-probs, reference log-probs, values, rewards and advantages for one rollout batch.
+
+  Args:
+    policy_params, ref_params: policy and frozen reference parameters.
+    value_params: critic parameters (ignored unless `cfg.algo == "ppo"`).
+    rollout: `prompt_ids, prompt_mask` [B, P], `response_ids, response_mask` [B, N], `finished` [B].
+    scores: [B] sequence-level rewards (verifier or reward model).
+    kl_coef: current beta (scalar array; from the KL controller state).
+    cfg, model_cfg: static configs.
+
+  Returns:
+    (Experience, metrics dict of scalars).
+  """
+  args = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["response_ids"])
+  mask = rollout["response_mask"].astype(jnp.float32)
+  logits = response_logits(policy_params, model_cfg, *args, mask, cfg.temperature)
+  logprobs = token_logprobs(logits, rollout["response_ids"]) * mask
+  ref_logprobs = token_logprobs(response_logits(ref_params, model_cfg, *args, mask, cfg.temperature),
+                                rollout["response_ids"]) * mask
+  kl = rl.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+  seq_kl = kl.sum(axis=1)
+
+  scores = scores.astype(jnp.float32)
+  finished = rollout["finished"].astype(jnp.float32)
+  scores = scores + cfg.missing_eos_penalty * (1.0 - finished)
+  if cfg.whiten_rewards:
+    scores = scores / (jnp.std(scores) + 1e-8)
+  beta = kl_coef if cfg.kl_placement == "reward" else 0.0
+  last = last_token_onehot(mask)
+  token_rewards = scores[:, None] * last - beta * kl
+
+  zeros = jnp.zeros_like(mask)
+  values, returns = zeros, zeros
+  g = cfg.group_size
+  if cfg.algo == "ppo":
+    values = response_values(value_params, model_cfg, *args, mask) * mask
+    advantages, returns = rl.gae(token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+      advantages = rl.whiten(advantages, mask)
+  elif cfg.algo == "grpo":
+    seq = scores - beta * seq_kl
+    advantages = rl.broadcast_sequence_advantage(
+        rl.group_advantages(seq, g, scale=cfg.advantage_scale), mask)
+  elif cfg.algo == "rloo":
+    seq = scores - beta * seq_kl
+    advantages = rl.broadcast_sequence_advantage(rl.rloo_advantages(seq, g), mask)
+    if cfg.whiten_advantages:
+      advantages = rl.whiten(advantages, mask)
+  elif cfg.algo == "reinforce_pp":
+    advantages = rl.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
+  else:  # best_of_n: top-k of each group +1, bottom-k -1 (ties broken by index)
+    advantages = rl.broadcast_sequence_advantage(
+        rl.best_of_n_select(scores, g, cfg.best_of_n_k), mask)
+  advantages = advantages * mask
+
+  entropy = rl.entropy_from_logits(logits)
+  metrics = {
+      "score_mean": scores.mean(), "score_std": scores.std(),
+      "kl_seq_mean": seq_kl.mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+      "entropy": rl.masked_mean(entropy, mask), "response_length": mask.sum(1).mean(),
+      "eos_rate": finished.mean(), "advantage_mean": rl.masked_mean(advantages, mask),
+      "advantage_abs_mean": rl.masked_mean(jnp.abs(advantages), mask),
+  }
+  if cfg.algo == "ppo":
+    metrics["value_mean"] = rl.masked_mean(values, mask)
+    metrics["return_mean"] = rl.masked_mean(returns, mask)
+    metrics["explained_variance"] = rl.explained_variance(values, returns, mask)
+  exp = Experience(prompt_ids=rollout["prompt_ids"], prompt_mask=rollout["prompt_mask"],
+                   response_ids=rollout["response_ids"], response_mask=mask,
+                   old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
+                   advantages=advantages, returns=returns)
+  return exp, metrics
+
+
+def _units(mask, aggregation: str):
+  """What `aggregation` divides by: masked tokens, non-empty sequences, or rows."""
+  if aggregation == "token":
+    return mask.sum()
+  if aggregation == "sequence":
+    return (mask.sum(axis=1) > 0).sum().astype(jnp.float32)
+  return jnp.asarray(mask.shape[0], jnp.float32)
+
+
+def policy_loss(params, mb: Experience, kl_coef, *, cfg: RLConfig, model_cfg: TransformerConfig):
+  """Clipped surrogate (+ k3 KL to the reference when KL is in the loss, − entropy bonus)."""
+  mask = mb.response_mask
+  logits = response_logits(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask,
+                           cfg.temperature)
+  logprobs = token_logprobs(logits, mb.response_ids)
+  agg = dict(aggregation=cfg.aggregation, fixed_length=mask.shape[1])
+  loss, metrics = rl.ppo_policy_loss(
+      logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=cfg.clip_eps,
+      clip_eps_high=cfg.clip_eps_high or None, dual_clip=cfg.dual_clip or None, **agg)
+  if cfg.kl_placement == "loss":
+    kl = rl.kl_estimate(logprobs, mb.ref_logprobs, "k3")
+    kl_loss = rl.aggregate_loss(kl, mask, **agg)
+    loss = loss + kl_coef * kl_loss
+    metrics["kl_loss"] = kl_loss
+  if cfg.entropy_coef:
+    loss = loss - cfg.entropy_coef * rl.aggregate_loss(rl.entropy_from_logits(logits), mask, **agg)
+  metrics["policy_loss"] = loss
+  return loss, metrics
+
+
+def critic_loss(params, mb: Experience, *, cfg: RLConfig, model_cfg: TransformerConfig):
+  mask = mb.response_mask
+  values = response_values(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask)
+  return rl.value_loss(values, mb.old_values, mb.returns, mask, clip=cfg.value_clip or None,
+                       aggregation=cfg.aggregation, fixed_length=mask.shape[1])
+
+
+def _accumulate(loss_fn, params, mb: Experience, n_micro: int, units_total, aggregation: str):
+  """Gradient of the whole-minibatch loss as a weighted sum over micro-batches (lax.scan)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if n_micro == 1:
+    (_, metrics), grads = grad_fn(params, mb)
+    return grads, metrics
+  micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), mb)
+
+  def body(acc, m):
+    (_, metrics), grads = grad_fn(params, m)
+    w = _units(m.response_mask, aggregation) / units_total
+    acc = jax.tree.map(lambda a, g: a + w * g, acc, grads)
+    return acc, jax.tree.map(lambda x: w * x, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, metrics = jax.lax.scan(body, zeros, micro)
+  return grads, jax.tree.map(lambda x: x.sum(0), metrics)
+
+
+def _apply(ts: TrainState, grads, tx):
+  updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+  return ts.replace(step=ts.step + 1, params=optax.apply_updates(ts.params, updates),
+                    opt_state=opt_state), optax.tree.norm(grads)
+
+
+def minibatch_grads(state: RLState, mb: Experience, *, cfg: RLConfig, model_cfg: TransformerConfig):
+  """(policy grads, value grads or None, metrics) of one minibatch."""
+  n_micro = mb.response_ids.shape[0] // cfg.microbatch_size if cfg.microbatch_size else 1
+  units = _units(mb.response_mask, cfg.aggregation)
+  pl = lambda p, m: policy_loss(p, m, state.kl.value, cfg=cfg, model_cfg=model_cfg)
+  pgrads, metrics = _accumulate(pl, state.policy.params, mb, n_micro, units, cfg.aggregation)
+  vgrads = None
+  if cfg.has_critic:
+    vl = lambda p, m: critic_loss(p, m, cfg=cfg, model_cfg=model_cfg)
+    vgrads, vmetrics = _accumulate(vl, state.value.params, mb, n_micro, units, cfg.aggregation)
+    metrics.update(vmetrics)
+  return pgrads, vgrads, metrics
+
+
+def rl_update(state: RLState, exp: Experience, rng, *, cfg: RLConfig, model_cfg: TransformerConfig,
+              policy_tx, value_tx, grad_fn=None):
+  """`epochs` x shuffled minibatches of clipped-surrogate updates, then one KL-controller step.
+
+  `grad_fn(state, minibatch) -> (policy grads, value grads, metrics)` defaults to
+  `minibatch_grads`; the shard_map data-parallel variant passes one that `psum`s over devices.
+  """
+  grad_fn = grad_fn or (lambda s, mb: minibatch_grads(s, mb, cfg=cfg, model_cfg=model_cfg))
+  b = exp.response_ids.shape[0]
+  n_mb = b // cfg.minibatch_size
+
+  def minibatch_step(s: RLState, mb: Experience):
+    pgrads, vgrads, metrics = grad_fn(s, mb)
+    policy, metrics["policy_grad_norm"] = _apply(s.policy, pgrads, policy_tx)
+    value = s.value
+    if cfg.has_critic:
+      value, metrics["value_grad_norm"] = _apply(s.value, vgrads, value_tx)
+    return s.replace(policy=policy, value=value), metrics
+
+  def epoch(s: RLState, key):
+    perm = jax.random.permutation(key, b)
+    shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, cfg.minibatch_size, *x.shape[1:]), exp)
+    return jax.lax.scan(minibatch_step, s, shuffled)
+
+  state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, cfg.epochs))
+  metrics = jax.tree.map(jnp.mean, metrics)
+  seq_kl = rl.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1").sum(1).mean()
+  kl_state = cfg.kl_controller().update(state.kl, seq_kl, b)
+  return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
+
+
+def experience_shardings(mesh, rules):
+  return Experience(**{k: batch_sharding(mesh, 2, rules) for k in EXPERIENCE_FIELDS})
+
+
+def make_rl_update(cfg: RLConfig, model_cfg: TransformerConfig, policy_tx, value_tx, shardings,
+                   mesh, rules):
+  """`jax.jit` of `rl_update` with explicit shardings; the state is donated."""
+  fn = lambda s, e, r: rl_update(s, e, r, cfg=cfg, model_cfg=model_cfg, policy_tx=policy_tx,
+                                 value_tx=value_tx)
+  return jax.jit(fn, in_shardings=(shardings, experience_shardings(mesh, rules), replicated(mesh)),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_experience_fn(cfg: RLConfig, model_cfg: TransformerConfig, mesh, rules):
+  """`jax.jit` of `make_experience`; experience comes out batch-sharded."""
+  fn = lambda p, r, v, roll, s, k: make_experience(p, r, v, roll, s, k, cfg=cfg, model_cfg=model_cfg)
+  return jax.jit(fn, out_shardings=(experience_shardings(mesh, rules), replicated(mesh)))
