@@ -132,9 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(run.results, f, indent=2, default=float)
-  plots = plot_curves(workdir)
+  plot_curves(workdir)  # write_report links every plots/*.png
   sections = {"Results": [dict(stage=s, **{k: v for k, v in r.items() if np.isscalar(v)})
-                          for s, r in run.results.items()],
-              "Plots": "\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plots)}
+                          for s, r in run.results.items()]}
   write_report(workdir, "rlhfjax run report", sections)
   return run.results
