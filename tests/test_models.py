@@ -1,0 +1,124 @@
+"""Model pieces: heads, remat/untied/bf16 variants, logical axis names, trunk transplant, KV cache."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhfjax.models import (PolicyModel, RewardModel, TransformerConfig, ValueModel, init_cache,
+                            init_params, last_token_index, positions_from_mask, transplant_trunk)
+from rlhfjax.models.init import logical_specs
+
+def apply(module, *args, **kw):
+  """Jitted `module.apply` (one compile per module config and shapes)."""
+  return jax.jit(module.apply, static_argnames=tuple(kw))(*args, **kw)
+
+
+CFG = TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                        d_ff=64, max_len=16)
+
+
+def _inputs():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(4, 32, (2, 8)), jnp.int32)
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  return tokens * mask, positions_from_mask(mask), mask
+
+
+def test_every_parameter_has_logical_axes():
+  for module in (PolicyModel(CFG), ValueModel(CFG), RewardModel(CFG)):
+    specs = logical_specs(module)
+    params = jax.eval_shape(lambda: init_params(module, jax.random.key(0)))  # shapes only
+    for spec, p in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                       jax.tree.leaves(params)):
+      assert len(spec) == p.ndim  # a name for every dimension
+    layer_specs = specs["trunk"]["layers"]["attn"]["wq"]
+    assert layer_specs == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+
+
+def test_positions_from_left_padding():
+  _, pos, _ = _inputs()
+  np.testing.assert_array_equal(pos[0], [0, 0, 0, 1, 2, 3, 4, 4])
+
+
+def test_padding_does_not_change_real_tokens():
+  # the same sequence with and without extra left padding gives the same logits on real tokens
+  params = init_params(PolicyModel(CFG), jax.random.key(1))
+  toks = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
+  a, _ = apply(PolicyModel(CFG), {"params": params}, toks, positions_from_mask(jnp.ones_like(toks)),
+                                jnp.ones_like(toks))
+  padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), toks], 1)
+  m = (padded > 0).astype(jnp.int32)
+  b, _ = apply(PolicyModel(CFG), {"params": params}, padded, positions_from_mask(m), m)
+  chex.assert_trees_all_close(a, b[:, 3:], atol=1e-5)
+
+
+def test_remat_same_values_and_grads():
+  tokens, pos, mask = _inputs()
+  params = init_params(PolicyModel(CFG), jax.random.key(2))
+  def loss(p, cfg):
+    logits, _ = apply(PolicyModel(cfg), {"params": p}, tokens, pos, mask)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+  remat = TransformerConfig(**{**CFG.__dict__, "remat": True})
+  g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, CFG)
+  g2 = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+  chex.assert_trees_all_close(g1, g2, atol=1e-6)
+
+
+def test_untied_head_and_bf16_compute():
+  tokens, pos, mask = _inputs()
+  untied = TransformerConfig(**{**CFG.__dict__, "tie_embeddings": False})
+  p = init_params(PolicyModel(untied), jax.random.key(0))
+  assert p["lm_head"].shape == (32, 32)
+  bf16 = TransformerConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+  p16 = init_params(PolicyModel(bf16), jax.random.key(0))
+  assert jax.tree.leaves(p16)[0].dtype == jnp.float32  # params stay f32
+  logits16, _ = apply(PolicyModel(bf16), {"params": p16}, tokens, pos, mask)
+  logits32, _ = apply(PolicyModel(CFG), {"params": p16}, tokens, pos, mask)
+  assert logits16.dtype == jnp.float32
+  np.testing.assert_allclose(logits16, logits32, atol=0.15)  # bf16 rounding, same function
+
+
+def test_value_head_starts_at_zero_and_reward_reads_last_token():
+  tokens, pos, mask = _inputs()
+  v = apply(ValueModel(CFG), {"params": init_params(ValueModel(CFG), jax.random.key(0))}, tokens, pos, mask)
+  assert v.shape == (2, 8) and float(jnp.abs(v).max()) == 0.0
+  np.testing.assert_array_equal(last_token_index(mask), [6, 7])
+  rp = init_params(RewardModel(CFG), jax.random.key(0))
+  score, raw = apply(RewardModel(CFG), {"params": rp}, tokens, pos, mask, per_token=True)
+  np.testing.assert_allclose(score, [raw[0, 6], raw[1, 7]], atol=1e-6)
+  rp = {**rp, "norm_gain": jnp.float32(2.0), "norm_bias": jnp.float32(-1.0)}
+  s2 = apply(RewardModel(CFG), {"params": rp}, tokens, pos, mask)
+  np.testing.assert_allclose(s2, 2.0 * score - 1.0, atol=1e-5)
+
+
+def test_transplant_trunk():
+  pol = init_params(PolicyModel(CFG), jax.random.key(0))
+  val = init_params(ValueModel(CFG), jax.random.key(1))
+  moved = transplant_trunk(val, pol)
+  chex.assert_trees_all_equal(moved["trunk"], pol["trunk"])
+  chex.assert_trees_all_equal(moved["head_kernel"], val["head_kernel"])
+  with pytest.raises(ValueError):
+    transplant_trunk({"x": 1}, pol)
+
+
+def test_cached_decoding_matches_full_forward():
+  tokens, pos, mask = _inputs()
+  params = init_params(PolicyModel(CFG), jax.random.key(3))
+  full, _ = apply(PolicyModel(CFG), {"params": params}, tokens, pos, mask)
+  cache = init_cache(CFG, 2, 8)
+  # prefill 5 columns, then feed the last 3 one at a time
+  m5 = jnp.concatenate([mask[:, :5], jnp.zeros((2, 3), jnp.int32)], 1)
+  out, cache = apply(PolicyModel(CFG), {"params": params}, tokens[:, :5], pos[:, :5], m5, cache, 0)
+  chex.assert_trees_all_close(out[0, 2:], full[0, 2:5], atol=1e-5)
+  for t in range(5, 8):
+    m = jnp.concatenate([mask[:, :t + 1], jnp.zeros((2, 7 - t), jnp.int32)], 1)
+    step, cache = apply(PolicyModel(CFG), {"params": params}, tokens[:, t:t + 1], pos[:, t:t + 1], m,
+                                         cache, t)
+    chex.assert_trees_all_close(step[1, 0], full[1, t], atol=1e-5)
+
+
+def test_bad_head_config():
+  with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+    TransformerConfig(vocab_size=8, n_heads=3, n_kv_heads=2)
