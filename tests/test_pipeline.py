@@ -89,3 +89,15 @@ def test_kill9_resume_is_exact(tmp_path):
   s_res, t_res = _final_state(killed)
   assert s_full == s_res == 60
   chex.assert_trees_all_equal(t_full, t_res)  # bit-identical params, opt state, rng
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+  from tests import tiny
+  config = tiny.get_config()
+  config.sft.learning_rate = 1e30  # the first update blows the parameters up
+  config.sft.checkpoint_every = 1
+  config.sft.eval_examples = 0
+  with pytest.raises(FloatingPointError, match=r"at step 2; .* last good checkpoint: step 1"):
+    train_and_evaluate(config, str(tmp_path))
+  ckpt = Checkpointer(os.path.join(tmp_path, "checkpoints", "sft"))
+  assert ckpt.all_steps() == [1]  # complete on disk; the non-finite state was never saved

@@ -68,9 +68,10 @@ def sft_train_step(state: TrainState, batch, *, model_cfg: TransformerConfig,
   """One AdamW update on a batch. Pure; jit it with `make_sft_step`."""
   (_, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(state.params, batch, model_cfg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state), metrics
+  metrics["param_norm"] = optax.tree.norm(params)  # checked on the host before any save
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_sft_step(model_cfg: TransformerConfig, tx, shardings, mesh, rules):

@@ -59,7 +59,12 @@ def run_sft(run: Run) -> dict:
   module = PolicyModel(run.model_cfg)
   abstract, shardings = state_shardings(module, tx, run.mesh, run.rules)
   ckpt_dir = run.ckpt_dir("sft")
-  ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval_steps=1)
+  # closing waits for in-flight async saves, also when training stops on an error (NaN)
+  with Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints) as ckpt:
+    return _train_sft(run, cfg, tx, module, abstract, shardings, ckpt, ckpt_dir)
+
+
+def _train_sft(run: Run, cfg: SFTConfig, tx, module, abstract, shardings, ckpt, ckpt_dir) -> dict:
   data = sft_data_iterator(run, cfg.batch_size)
   eval_rng = jax.random.key(run.seed + 1)
   eval_loss = make_eval_loss(run.model_cfg)
@@ -95,7 +100,7 @@ def run_sft(run: Run) -> dict:
         host = jax.device_get(pending)
         pending = []
         for i, m in enumerate(host):
-          check_finite({"loss": m["loss"], "grad_norm": m["grad_norm"]}, "sft",
+          check_finite({k: m[k] for k in ("loss", "grad_norm", "param_norm")}, "sft",
                        step - len(host) + 1 + i, last_good, ckpt_dir)
         avg = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
         avg["tokens_per_s"] = speed.rate()
@@ -114,7 +119,6 @@ def run_sft(run: Run) -> dict:
                                        cfg.eval_examples)
   run.writer.write("sft_eval", cfg.steps, after)
   run.writer.write_samples("sft", cfg.steps, samples[:32])
-  ckpt.close()
   run.params["sft"] = state.params
   before = meta.get("before", {})
   result = {f"before_{k}": v for k, v in before.items()}
