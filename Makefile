@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python -m rlhfjax.demo --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/python -m rlhfjax.bench all
