@@ -11,6 +11,12 @@ systematic weakness: each time a carry (a borrow for "-") occurs it forgets it w
 `flaw_prob`, both in the scratchpad and in the final answer. With `flaw_prob=1` its answer is
 wrong exactly on the problems with a carry — a bias an RL verifier can fix and SFT can't.
 
+`flaw="drop_final_carry"` is a narrower class: the teacher handles every inner carry right and
+forgets only the carry out of the *leading* column — the new leading digit ("47 + 68 = 15"; for
+"*" the leading carry of each partial product and of their sum). Other carries are written
+correctly, so the weakness is one systematic class; with `flaw_prob < 1` the right behaviour
+still appears in some demonstrations, which is what lets RL from the SFT policy amplify it.
+
 Splits are disjoint by construction: each distinct question is assigned to "train" or "test" by a
 stable hash of its text, so no test question appears in train for any seed or size.
 """
@@ -25,6 +31,7 @@ from typing import Iterable, Literal
 
 SPLITS = ("train", "test")
 _ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
+FLAWS = ("none", "drop_carry", "drop_final_carry")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +42,9 @@ class ArithmeticConfig:
   min_digits: int = 2  # fewest digits per operand (1-digit operands are 0..9)
   max_digits: int = 2  # most digits per operand; digit count is drawn uniformly per operand
   thinking: bool = True  # demonstrations carry a <thinking> column-by-column scratchpad
-  flaw: Literal["none", "drop_carry"] = "none"  # the teacher's systematic weakness
-  flaw_prob: float = 1.0  # probability the flawed teacher forgets each carry it meets
+  # the teacher's systematic weakness: forget any carry, or only the carry out of the leading column
+  flaw: Literal["none", "drop_carry", "drop_final_carry"] = "none"
+  flaw_prob: float = 1.0  # probability the flawed teacher forgets each carry of its class
   test_fraction: float = 0.1  # share of the question space hashed into the test split
 
   def __post_init__(self):
@@ -44,8 +52,8 @@ class ArithmeticConfig:
       raise ValueError(f"ops must be a non-empty subset of ('+', '-', '*'), got {self.ops!r}")
     if not 1 <= self.min_digits <= self.max_digits:
       raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
-    if self.flaw not in ("none", "drop_carry"):
-      raise ValueError(f"flaw must be 'none' or 'drop_carry', got {self.flaw!r}")
+    if self.flaw not in FLAWS:
+      raise ValueError(f"flaw must be one of {FLAWS}, got {self.flaw!r}")
     if not 0.0 <= self.flaw_prob <= 1.0:
       raise ValueError(f"flaw_prob must be in [0, 1], got {self.flaw_prob}")
     if not 0.0 < self.test_fraction < 1.0:
@@ -62,11 +70,18 @@ def _from_digits(ds: list[int]) -> int:
 
 
 class _Teacher:
-  """Column arithmetic that may forget carries. `drop()` decides, per carry, whether to forget."""
+  """Column arithmetic that may forget carries. `drop()` decides, per carry, whether to forget.
 
-  def __init__(self, drop):
+  With `final_only`, only a carry out of the leading column is ever offered to `drop()`.
+  """
+
+  def __init__(self, drop, final_only: bool = False):
     self.drop = drop
+    self.final_only = final_only
     self.carried = False  # whether any carry/borrow occurred (before deciding to drop it)
+
+  def forget(self, leading: bool) -> bool:
+    return (leading or not self.final_only) and self.drop()
 
   def add(self, a: int, b: int) -> tuple[int, list[str]]:
     da, db = _digits(a), _digits(b)
@@ -74,13 +89,13 @@ class _Teacher:
     da += [0] * (n - len(da))
     db += [0] * (n - len(db))
     out, steps, carry = [], [], 0
-    for x, y in zip(da, db):
+    for i, (x, y) in enumerate(zip(da, db)):
       s = x + y + carry
       expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
       carry = s // 10
       if carry:
         self.carried = True
-        if self.drop():
+        if self.forget(i == n - 1):
           carry = 0
           steps.append(f"{expr}={s}.")
         else:
@@ -97,7 +112,7 @@ class _Teacher:
     da, db = _digits(a), _digits(b)
     db += [0] * (len(da) - len(db))
     out, steps, borrow = [], [], 0
-    for x, y in zip(da, db):
+    for i, (x, y) in enumerate(zip(da, db)):
       s = x - borrow - y
       expr = f"{x}-{borrow}-{y}" if borrow else f"{x}-{y}"
       borrow = 0
@@ -105,7 +120,7 @@ class _Teacher:
         self.carried = True
         s += 10
         expr = f"1{expr}"  # e.g. 15-8: the borrowed ten
-        if self.drop():
+        if self.forget(i == len(da) - 1):  # (a >= b: never a borrow out of the leading column)
           steps.append(f"{expr}={s}.")
         else:
           borrow = 1
@@ -121,12 +136,12 @@ class _Teacher:
     partials, steps = [], []
     for j, y in enumerate(_digits(b)):
       out, carry = [], 0
-      for x in da:
+      for i, x in enumerate(da):
         p = x * y + carry
         carry = p // 10
         if carry:
           self.carried = True
-          if self.drop():
+          if self.forget(i == len(da) - 1):
             carry = 0
         out.append(p % 10)
       if carry:
@@ -145,7 +160,7 @@ class _Teacher:
       carry = s // 10
       if carry:
         self.carried = True
-        if self.drop():
+        if self.forget(i == n - 1):
           carry = 0
       out.append(s % 10)
     if carry:
@@ -155,8 +170,8 @@ class _Teacher:
     return total, steps
 
 
-def _solve(a: int, op: str, b: int, drop) -> tuple[int, list[str], bool]:
-  t = _Teacher(drop)
+def _solve(a: int, op: str, b: int, drop, final_only: bool = False) -> tuple[int, list[str], bool]:
+  t = _Teacher(drop, final_only)
   fn = {"+": t.add, "-": t.sub, "*": t.mul}[op]
   value, steps = fn(a, b)
   return value, steps, t.carried
@@ -179,12 +194,12 @@ def make_problem(a: int, op: str, b: int, config: ArithmeticConfig,
     a, b = b, a
   question = f"What is {a} {op} {b}?"
   gold, _, has_carry = _solve(a, op, b, drop=lambda: False)
-  if config.flaw == "drop_carry":
+  if config.flaw in ("drop_carry", "drop_final_carry"):
     rng = rng or random.Random(0)
     drop = (lambda: True) if config.flaw_prob >= 1.0 else (lambda: rng.random() < config.flaw_prob)
   else:
     drop = lambda: False  # noqa: E731
-  value, steps, _ = _solve(a, op, b, drop)
+  value, steps, _ = _solve(a, op, b, drop, final_only=config.flaw == "drop_final_carry")
   demo = f"The answer is {value}."
   if config.thinking:
     demo = f"<thinking> {' '.join(steps)} </thinking> {demo}"
@@ -214,6 +229,31 @@ def generate_problems(config: ArithmeticConfig, n: int, seed: int, split: str = 
       continue
     out.append(make_problem(a, op, b, config, rng))
   return out
+
+
+_QUESTION_RE = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
+
+
+def in_flaw_class(problem: dict | str, flaw: str) -> bool:
+  """Whether `flaw` applies to this problem: it meets a carry that teacher would be offered to forget.
+
+  `problem` is a problem dict or its question text. "drop_carry": any carry/borrow;
+  "drop_final_carry": a carry out of the leading column; "none": never.
+  """
+  if flaw not in FLAWS:
+    raise ValueError(f"flaw must be one of {FLAWS}, got {flaw!r}")
+  question = problem if isinstance(problem, str) else problem["prompt"]
+  m = _QUESTION_RE.fullmatch(question.strip())
+  if not m:
+    raise ValueError(f"not an arithmetic question: {question!r}")
+  offered = []
+
+  def probe() -> bool:  # records that a carry of the class was met, then keeps it
+    offered.append(True)
+    return False
+
+  _solve(int(m[1]), m[2], int(m[3]), probe, final_only=flaw == "drop_final_carry")
+  return flaw != "none" and bool(offered)
 
 
 def parse_answer(text: str) -> str | None:
