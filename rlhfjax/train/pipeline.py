@@ -107,6 +107,7 @@ def _import_stages():
   import rlhfjax.train.sft_loop  # noqa: F401  (registers "sft")
   import rlhfjax.train.reward_loop  # noqa: F401  (registers "rm")
   import rlhfjax.train.rl_loop  # noqa: F401  (registers "rl")
+  import rlhfjax.train.ppo_loop  # noqa: F401  (registers "ppo")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -1,0 +1,197 @@
+"""The `ppo` stage: RLHF against the learned reward model, with a KL-controlled frozen reference.
+
+Runs after `sft` and `rm` in the same command (`config.stages = "sft,rm,ppo"`; finished stages resume
+from their checkpoints instantly):
+
+  * policy  <- the SFT parameters; reference = the same SFT parameters, frozen;
+  * critic  <- the reward model's trunk (`config.ppo.value_init = "rm"`, lm-human-preferences) or the
+    SFT trunk (`"sft"`), with a fresh zero value head;
+  * scorer  = the reward model's `score` on device (`rlhfjax.train.reward.make_scorer`); for an
+    ensemble RM (`rm.ensemble_size > 1`) the uncertainty-penalized `mean − λ·std` (λ =
+    `rm.uncertainty_coef`);
+  * the hyper-parameters are `config.rl` (`rl.algo = "ppo"`, `rl.adaptive_kl = True` in
+    experiments/ppo_preference.py); any `rl.algo` works against the RM (critic-free ones ignore the
+    critic).
+
+The host loop is `rl_loop.run_rl_loop` (sample -> score -> jitted experience -> jitted update,
+checkpoints of the whole `RLState` — policy, critic, optimizer states, KL controller — plus the data
+position, bit-exact resume). This module adds what only RLHF-with-a-simulated-human has: the gold
+(simulated human) score of every rollout (`gold_reward_mean`, logged each iteration next to the
+proxy `reward_mean` and `kl_seq_mean`), a held-out gold/proxy evaluation before and after
+(`gold_mean`, `gold_std`, `proxy_mean`), a samples table with both scores, and the curve
+`plots/ppo_curves.png` (proxy, gold, KL with the controller's target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhfjax.config import get_field, to_dataclass
+from rlhfjax.train.pipeline import Run, register_stage
+from rlhfjax.train.rl import RLConfig
+from rlhfjax.train.rl_loop import RLLoopConfig, run_rl_loop, stage_params
+
+log = logging.getLogger("rlhfjax")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOStageConfig:
+  """Options of the `ppo` stage beyond `config.rl` (hyper-parameters) and `config.rl_loop`."""
+
+  value_init: str = "rm"  # critic trunk from the reward model ("rm") or the SFT policy ("sft")
+  gold_eval_prompts: int = 256  # held-out prompts sampled for the gold/proxy eval (0 = off)
+  samples_table: int = 16  # held-out (prompt, response, gold, proxy) rows written before and after
+
+
+def _rm_setup(run: Run):
+  """(rm params, ensemble?, uncertainty coefficient) of the `rm` stage of this run."""
+  rm_params = stage_params(run, "rm")
+  rm_section = get_field(run.config, "rm")
+  size = int(rm_section.ensemble_size) if rm_section is not None else 1
+  coef = float(rm_section.uncertainty_coef) if rm_section is not None else 1.0
+  return rm_params, size > 1, coef
+
+
+def rm_scorer(run: Run, rm_params, *, ensemble: bool, uncertainty_coef: float):
+  """A `Scorer` for `run_rl_loop`: the reward model on the device rollout (prompt | response),
+  plus the simulated human's gold score of the decoded texts as metrics."""
+  from rlhfjax.data.labeler import gold_scores
+  from rlhfjax.train.reward import ensemble_score, score
+
+  @jax.jit
+  def device_score(params, rollout):
+    tokens = jnp.concatenate([rollout["prompt_ids"], rollout["response_ids"]], axis=1)
+    mask = jnp.concatenate([rollout["prompt_mask"].astype(jnp.int32),
+                            rollout["response_mask"].astype(jnp.int32)], axis=1)
+    if ensemble:
+      out = ensemble_score(params, tokens, mask, uncertainty_coef, model_cfg=run.model_cfg)
+      return out["penalized"], {"rm_mean": out["mean"].mean(), "rm_std": out["std"].mean()}
+    return score(params, tokens, mask, model_cfg=run.model_cfg), {}
+
+  def scorer(texts, examples, rollout):
+    scores, extra = device_score(rm_params, {k: rollout[k] for k in
+                                             ("prompt_ids", "prompt_mask", "response_ids",
+                                              "response_mask")})
+    gold = gold_scores([e["prompt"] for e in examples], texts, [e.get("answer") for e in examples])
+    metrics = {"gold_reward_mean": float(gold.mean()), "gold_reward_std": float(gold.std())}
+    metrics.update({k: float(v) for k, v in jax.device_get(extra).items()})
+    return scores, metrics
+  return scorer
+
+
+def gold_eval(run: Run, rm_params, cfg: RLConfig, stage_cfg: PPOStageConfig, *, ensemble: bool,
+              uncertainty_coef: float):
+  """`extra_eval(params) -> dict`: one sample per held-out prompt at the RL temperature, scored by
+  the simulated human (gold) and the reward model (proxy). Also keeps the last rows for a table."""
+  from rlhfjax.data.labeler import gold_scores
+  from rlhfjax.train.evaluate import generate_completions
+  from rlhfjax.train.reward import score_batched
+  from rlhfjax.train.reward_loop import encode_sequences
+  d = run.config.data
+  n = min(stage_cfg.gold_eval_prompts, len(run.test_examples))
+  exs = [run.test_examples[i] for i in range(n)]
+  prompts = [e["prompt"] for e in exs]
+  answers = [e["answer"] for e in exs]
+  rng = jax.random.key(run.seed + 505)  # the same prompts and sampling noise every eval
+  tables: list = []
+
+  def evaluate(params) -> dict:
+    if n == 0:
+      return {}
+    texts = generate_completions(params, run.model_cfg, run.tokenizer, prompts,
+                                 max_prompt_len=d.max_prompt_len,
+                                 max_new_tokens=cfg.max_new_tokens or d.max_response_len,
+                                 batch_size=run.config.eval.batch_size, rng=rng,
+                                 temperature=cfg.temperature)
+    gold = gold_scores(prompts, texts, answers)
+    tokens, mask = encode_sequences(run.tokenizer, prompts, texts, d.max_prompt_len,
+                                    d.max_response_len)
+    proxy = score_batched(rm_params, tokens, mask, run.model_cfg, ensemble=ensemble,
+                          batch_size=run.config.eval.batch_size)
+    out = {"gold_mean": float(gold.mean()), "gold_std": float(gold.std())}
+    if ensemble:
+      out["proxy_std"] = float(proxy.std(0).mean())
+      proxy = proxy.mean(0) - uncertainty_coef * proxy.std(0)
+    out["proxy_mean"] = float(proxy.mean())
+    out["response_words"] = float(np.mean([len(t.split()) for t in texts]))
+    tables.append([dict(prompt=p, completion=t, gold=float(g), proxy=float(s))
+                   for p, t, g, s in zip(prompts[:stage_cfg.samples_table],
+                                         texts[:stage_cfg.samples_table], gold, proxy)])
+    return out
+  evaluate.tables = tables
+  return evaluate
+
+
+def plot_ppo_curves(workdir: str, stage: str = "ppo", kl_target: float | None = None) -> str | None:
+  """`plots/<stage>_curves.png`: proxy (RM) reward, gold (simulated human) reward and KL per
+  iteration of the training rollouts, with the held-out eval points and the KL target."""
+  import matplotlib
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt
+  from rlhfjax.metrics import read_metrics
+  rows = read_metrics(workdir)
+  train = sorted((r for r in rows if r.get("stage") == stage), key=lambda r: r["step"])
+  evals = sorted((r for r in rows if r.get("stage") == f"{stage}_eval" and "gold_mean" in r),
+                 key=lambda r: r["step"])
+  if not train:
+    return None
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+  it = [r["step"] for r in train]
+  series = [("proxy reward (RM)", "reward_mean", "proxy_mean"),
+            ("gold reward (simulated human)", "gold_reward_mean", "gold_mean"),
+            ("KL(policy || reference), nats/seq", "kl_seq_mean", None)]
+  for ax, (title, key, ekey) in zip(axes, series):
+    ax.plot(it, [r.get(key, np.nan) for r in train], label="train rollouts")
+    if ekey and evals:
+      ax.plot([r["step"] for r in evals], [r[ekey] for r in evals], "o--", label="held-out eval")
+    if key == "kl_seq_mean" and kl_target:
+      ax.axhline(kl_target, color="gray", ls=":", label="controller target")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("PPO iteration", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(workdir, "plots", f"{stage}_curves.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+@register_stage("ppo")
+def run_ppo(run: Run) -> dict:
+  """PPO (or any `rl.algo`) from the SFT policy against the reward model of the `rm` stage."""
+  cfg = to_dataclass(RLConfig, run.config.rl)
+  loop = to_dataclass(RLLoopConfig, run.config.rl_loop)
+  section = get_field(run.config, "ppo")
+  stage_cfg = to_dataclass(PPOStageConfig, section) if section is not None else PPOStageConfig()
+  if stage_cfg.value_init not in ("rm", "sft"):
+    raise ValueError(f"config.ppo.value_init must be 'rm' or 'sft', got {stage_cfg.value_init!r}")
+  sft = stage_params(run, "sft")
+  rm_params, ensemble, coef = _rm_setup(run)
+  value_init = sft
+  if stage_cfg.value_init == "rm":
+    value_init = jax.tree.map(lambda x: x[0], rm_params) if ensemble else rm_params  # member 0
+  evaluate = gold_eval(run, rm_params, cfg, stage_cfg, ensemble=ensemble, uncertainty_coef=coef)
+  result = run_rl_loop(run, "ppo", cfg, loop, rm_scorer(run, rm_params, ensemble=ensemble,
+                                                        uncertainty_coef=coef),
+                       policy_init=sft, ref_params=sft, value_init=value_init, extra_eval=evaluate)
+  tables = evaluate.tables
+  if tables:
+    run.writer.write_samples("ppo_gold_eval", cfg.iterations, tables[-1])
+  if "before_gold_mean" in result and "after_gold_mean" in result:
+    gain = result["after_gold_mean"] - result["before_gold_mean"]
+    result["gold_gain"] = gain
+    result["gold_gain_in_sft_std"] = gain / max(result["before_gold_std"], 1e-8)
+  result["kl_target"] = cfg.kl_target if cfg.adaptive_kl else None
+  result["ensemble_size"] = int(get_field(run.config, "rm").ensemble_size) if ensemble else 1
+  result["value_init"] = stage_cfg.value_init
+  run.writer.flush()
+  plot_ppo_curves(run.workdir, "ppo", cfg.kl_target if cfg.adaptive_kl else None)
+  return result
