@@ -289,7 +289,7 @@ def simulate_labels(params, model_cfg, tokenizer, examples: Sequence[dict], *, n
   import jax
   rng = random.Random(f"rlhfjax-labeler/{seed}")
   # a few spare prompts: those whose pool is too small (too few distinct responses that fit) are skipped
-  picks = [examples[rng.randrange(len(examples))] for _ in range(n_records + n_records // 4 + 8)]
+  picks = [examples[rng.randrange(len(examples))] for _ in range(n_records + n_records // 2 + 8)]
   prompts = [e["prompt"] for e in picks]
   answers = [str(e["answer"]) for e in picks]
   samples = sample_policy(params, model_cfg, tokenizer, prompts, n=config.policy_samples,

@@ -1,0 +1,289 @@
+"""The `rm` stage: comparisons -> reward model (or an ensemble), evaluated, normalized, checkpointed.
+
+Runs after `sft` in the same command (`config.stages = "sft,rm"`), or alone on a workdir whose SFT
+checkpoint exists. Steps:
+
+  1. SFT parameters: `run.params["sft"]`, else the latest `checkpoints/sft` step.
+  2. Comparisons: `config.rm.train_file`/`test_file` (human JSONL) or, by default, the simulated
+     labeler (`rlhfjax.data.labeler`) sampling from the SFT policy; written to
+     `<workdir>/preferences/*.jsonl`, validated with the tokenizer (invalid records counted,
+     skipped and reported), then stored as TFDS array_record and read back without TensorFlow.
+  3. Training: the jitted, sharded, state-donating step of `rlhfjax.train.reward` (vmapped over
+     members for `ensemble_size > 1`), with checkpoints every `checkpoint_every` steps and exact
+     resume (data position in the checkpoint meta).
+  4. Evaluation on held-out pairs: accuracy against the (noisy) labels, against the noiseless gold
+     preference when the records carry gold answers, mean reward margin.
+  5. Normalization: gain/bias so the SFT (reference) policy's samples score mean 0 / std 1; the
+     final checkpoint holds the normalized parameters (meta `normalized: true`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+
+from rlhfjax.checkpoint import Checkpointer, abstract_like
+from rlhfjax.config import get_field, to_dataclass
+from rlhfjax.data import DataIterator
+from rlhfjax.data.labeler import LabelerConfig, gold_score, simulate_labels
+from rlhfjax.data.preferences import (SkipReport, collate_preferences, load_preferences,
+                                      read_preferences_jsonl, responses_of, write_jsonl)
+from rlhfjax.models.heads import PolicyModel
+from rlhfjax.parallel import shard_batch
+from rlhfjax.train.pipeline import Run, register_stage
+from rlhfjax.train.reward import (RM_BATCH_KEYS, RMConfig, create_reward_state, make_reward_step,
+                                  normalize_params, reward_state_shardings, score_batched)
+from rlhfjax.train.sft import SFTConfig, Throughput, check_finite
+from rlhfjax.train.state import make_optimizer, state_shardings
+
+log = logging.getLogger("rlhfjax")
+
+
+def sft_params_for(run: Run):
+  """The SFT policy's parameters: from this process, or restored from `checkpoints/sft`."""
+  if "sft" in run.params:
+    return run.params["sft"]
+  ckpt_dir = run.ckpt_dir("sft")
+  ckpt = Checkpointer(ckpt_dir)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"the rm stage needs SFT parameters: none in this run and no checkpoint in "
+                            f"{ckpt_dir}; run config.stages='sft,rm'")
+  sft = to_dataclass(SFTConfig, run.config.sft)
+  tx = make_optimizer(sft.optim(), sft.steps)
+  abstract, shardings = state_shardings(PolicyModel(run.model_cfg), tx, run.mesh, run.rules)
+  state, _ = ckpt.restore(abstract_like(abstract, shardings))
+  ckpt.close()
+  log.info("rm: SFT parameters from step %d of %s", int(state.step), ckpt_dir)
+  return state.params
+
+
+def _n_train_records(cfg: RMConfig, lab: LabelerConfig) -> int:
+  if cfg.format == "pairs":
+    return lab.label_budget
+  return max(1, lab.label_budget // (cfg.ranking_size * (cfg.ranking_size - 1) // 2))
+
+
+def preference_files(run: Run, cfg: RMConfig, lab: LabelerConfig, sft_params) -> tuple[str, str, bool]:
+  """(train JSONL, test JSONL, simulated?) — user files, or labels from the simulated human
+  (generated once per workdir; a resumed run reuses them)."""
+  if cfg.train_file:
+    if not cfg.test_file:
+      raise ValueError("config.rm.train_file needs config.rm.test_file (held-out comparisons)")
+    return cfg.train_file, cfg.test_file, False
+  d = run.config.data
+  out = os.path.join(run.workdir, "preferences")
+  train_path = os.path.join(out, f"{cfg.format}_train.jsonl")
+  test_path = os.path.join(out, f"{cfg.format}_test.jsonl")
+  common = dict(config=lab, max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len)
+  if not os.path.exists(train_path):
+    recs = simulate_labels(sft_params, run.model_cfg, run.tokenizer, run.train_examples,
+                           n_records=_n_train_records(cfg, lab), kind=cfg.format, k=cfg.ranking_size,
+                           seed=run.seed + 101, **common)
+    write_jsonl(train_path, recs)
+  if not os.path.exists(test_path):
+    # held-out comparisons are always pairs (a pair is a ranking of 2), so formats compare fairly
+    recs = simulate_labels(sft_params, run.model_cfg, run.tokenizer, run.test_examples,
+                           n_records=lab.test_comparisons, kind="pairs", k=2, seed=run.seed + 202,
+                           **common)
+    if cfg.format == "rankings":
+      recs = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "answer": r["answer"]}
+              for r in recs]
+    write_jsonl(test_path, recs)
+  return train_path, test_path, True
+
+
+def prepare_preferences(run: Run, cfg: RMConfig, paths) -> tuple:
+  """Validate (tokenizer-aware) -> `*.valid.jsonl` -> TFDS array_record; returns (train, test,
+  {split: SkipReport})."""
+  d = run.config.data
+  reports, valid_paths = {}, []
+  for split, path in zip(("train", "test"), paths):
+    recs, rep = read_preferences_jsonl(path, cfg.format, tokenizer=run.tokenizer,
+                                       max_prompt_len=d.max_prompt_len,
+                                       max_response_len=d.max_response_len)
+    reports[split] = rep
+    vpath = os.path.join(run.workdir, "preferences", f"{cfg.format}_{split}.valid.jsonl")
+    write_jsonl(vpath, recs)
+    valid_paths.append(vpath)
+  data_dir = d.data_dir or os.path.join(run.workdir, "tfds")
+  train, test = load_preferences(data_dir, cfg.format, *valid_paths)
+  return train, test, reports
+
+
+def _flat_responses(records):
+  prompts, resps, answers, rec_of = [], [], [], []
+  for i, r in enumerate(records):
+    for x in responses_of(r):
+      prompts.append(r["prompt"])
+      resps.append(x)
+      answers.append(r.get("answer", ""))
+      rec_of.append(i)
+  return prompts, resps, answers, np.asarray(rec_of)
+
+
+def encode_sequences(tokenizer, prompts, responses, max_prompt_len, max_response_len):
+  """[prompt | response] tokens and mask [M, P+R] for scoring."""
+  pi, pm = tokenizer.encode_prompts(prompts, max_prompt_len)
+  ri, rm = tokenizer.encode_responses(responses, max_response_len)
+  return np.concatenate([pi, ri], 1), np.concatenate([pm, rm], 1)
+
+
+def evaluate_rm(params, records, run: Run, cfg: RMConfig, *, ensemble: bool, gold: bool) -> dict:
+  """Held-out pairwise accuracy vs the labels and (if `gold`) vs the noiseless gold preference.
+
+  Every ordered pair (i ranked above j) of every record counts; for ensembles the member mean is
+  the score (and `member_accuracy` the members' average accuracy). Gold agreement skips pairs the
+  gold preference ties. `labeler_gold_agreement` is how often the noisy labels themselves agree
+  with the gold preference (the ceiling a perfect imitator of the labels would reach on them).
+  """
+  d = run.config.data
+  records = list(records)
+  prompts, resps, answers, rec_of = _flat_responses(records)
+  tokens, mask = encode_sequences(run.tokenizer, prompts, resps, d.max_prompt_len, d.max_response_len)
+  s = score_batched(params, tokens, mask, run.model_cfg, ensemble=ensemble,
+                    batch_size=cfg.eval_batch_size, pool=cfg.pool)
+  members = s if ensemble else s[None]
+  s = members.mean(0)
+  # ordered pairs (i above j) within each record
+  starts = np.searchsorted(rec_of, np.arange(len(records)))
+  ii, jj = [], []
+  for r, st in enumerate(starts):
+    k = len(responses_of(records[r]))
+    a, b = np.triu_indices(k, 1)
+    ii.append(st + a)
+    jj.append(st + b)
+  ii, jj = np.concatenate(ii), np.concatenate(jj)
+  diff = s[ii] - s[jj]
+  out = {"accuracy": float(np.mean(diff > 0)), "margin": float(np.mean(diff)), "pairs": int(len(ii)),
+         "reward_mean": float(np.mean(s)), "reward_std": float(np.std(s))}
+  if ensemble:
+    out["member_accuracy"] = float(np.mean(members[:, ii] > members[:, jj]))
+    out["member_std"] = float(np.mean(np.std(members, 0)))
+  if gold:
+    g = np.asarray([gold_score(p, x, a or None) for p, x, a in zip(prompts, resps, answers)])
+    gd = g[ii] - g[jj]
+    untied = gd != 0
+    out["gold_accuracy"] = float(np.mean(np.sign(diff[untied]) == np.sign(gd[untied])))
+    out["gold_pairs"] = int(untied.sum())
+    out["labeler_gold_agreement"] = float(np.mean(gd[untied] > 0))
+  return out
+
+
+def reference_sample(run: Run, sft_params, n: int, temperature: float, rng):
+  """`n` responses of the SFT (reference) policy to train prompts: tokens, mask [n, P+R]."""
+  from rlhfjax.data.labeler import sample_policy
+  d = run.config.data
+  order = np.random.default_rng(run.seed + 303).permutation(len(run.train_examples))[:n]
+  prompts = [run.train_examples[int(i)]["prompt"] for i in order]
+  texts = sample_policy(sft_params, run.model_cfg, run.tokenizer, prompts, n=1,
+                        max_prompt_len=d.max_prompt_len, max_new_tokens=d.max_response_len,
+                        temperature=temperature, batch_size=min(256, len(prompts)), rng=rng)
+  return encode_sequences(run.tokenizer, prompts, [t[0] for t in texts], d.max_prompt_len,
+                          d.max_response_len)
+
+
+@register_stage("rm")
+def run_rm(run: Run) -> dict:
+  cfg = to_dataclass(RMConfig, run.config.rm)
+  lab_section = get_field(run.config, "labeler")
+  lab = to_dataclass(LabelerConfig, lab_section) if lab_section is not None else LabelerConfig()
+  if cfg.format not in ("pairs", "rankings"):
+    raise ValueError(f"config.rm.format must be 'pairs' or 'rankings', got {cfg.format!r}")
+  k = 2 if cfg.format == "pairs" else cfg.ranking_size
+  if k < 2:
+    raise ValueError(f"config.rm.ranking_size must be >= 2, got {cfg.ranking_size}")
+  sft_params = sft_params_for(run)
+  *paths, simulated = preference_files(run, cfg, lab, sft_params)
+  train, test, reports = prepare_preferences(run, cfg, paths)
+  d = run.config.data
+
+  ensemble = cfg.ensemble_size > 1
+  n = cfg.ensemble_size if ensemble else None
+  steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
+  tx = make_optimizer(cfg.optim(), steps)
+  abstract, shardings = reward_state_shardings(run.model_cfg, tx, run.mesh, run.rules, n)
+  ckpt_dir = run.ckpt_dir("rm")
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval_steps=1)
+  collate = functools.partial(collate_preferences, tokenizer=run.tokenizer,
+                              max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len, k=k)
+  data = DataIterator(train, cfg.batch_size // jax.process_count(), seed=run.seed, collate=collate)
+  evaluate = functools.partial(evaluate_rm, records=test, run=run, cfg=cfg, ensemble=ensemble,
+                               gold=simulated)
+
+  meta: dict = {}
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(abstract, shardings))
+    data.set_state(meta["data"])
+    log.info("rm: resumed from step %d in %s", int(ckpt.latest_step()), ckpt_dir)
+    start = int(np.max(jax.device_get(state.step)))
+  else:
+    state, _ = create_reward_state(run.model_cfg, tx, jax.random.key(run.seed + 7), run.mesh, run.rules,
+                                   trunk=sft_params["trunk"], n=n)
+    meta = {"before": evaluate(state.params)}
+    run.writer.write("rm_eval", 0, meta["before"])
+    start = 0
+
+  if not meta.get("normalized"):
+    from rlhfjax.metrics import ProgressBar
+    step_fn = make_reward_step(run.model_cfg, tx, cfg.loss(), shardings, run.mesh, run.rules,
+                               ensemble=ensemble)
+    bar = ProgressBar(steps, "rm", initial=start)
+    speed = Throughput()
+    pending: list = []
+    last_good = ckpt.latest_step()
+    for step in range(start + 1, steps + 1):
+      batch = next(data)
+      batch = {key: batch[key] for key in RM_BATCH_KEYS}
+      state, metrics = step_fn(state, shard_batch(batch, run.mesh, run.rules))
+      pending.append(metrics)
+      speed.add(float(np.sum(batch["valid"])))
+      save = step % cfg.checkpoint_every == 0 and step < steps
+      if step % cfg.log_every == 0 or save or step == steps:  # one device->host transfer per interval
+        host = jax.device_get(pending)
+        pending = []
+        for i, m in enumerate(host):
+          check_finite({"loss": m["loss"], "grad_norm": m["grad_norm"]}, "rm",
+                       step - len(host) + 1 + i, last_good, ckpt_dir)
+        avg = {key: float(np.mean([m[key] for m in host])) for key in host[-1]}
+        avg["responses_per_s"] = speed.rate()
+        run.writer.write("rm", step, avg)
+        bar.update(step, loss=avg["loss"], accuracy=avg["accuracy"])
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+        run.writer.write("rm_eval", step, evaluate(state.params))
+      if save:
+        ckpt.save(step, state, {**meta, "data": data.get_state(), "stage": "rm"}, force=True)
+        last_good = step
+    bar.close()
+    # normalization on the reference (SFT) policy's samples, then the final checkpoint
+    tokens, mask = reference_sample(run, sft_params, cfg.norm_samples, lab.sample_temperature,
+                                    jax.random.key(run.seed + 404))
+    params, raw = normalize_params(state.params, tokens, mask, run.model_cfg, ensemble=ensemble,
+                                   batch_size=cfg.eval_batch_size, pool=cfg.pool)
+    after = score_batched(params, tokens, mask, run.model_cfg, ensemble=ensemble,
+                          batch_size=cfg.eval_batch_size, pool=cfg.pool)
+    state = state.replace(params=params)
+    meta["normalized"] = True
+    meta["pool"] = cfg.pool
+    meta["norm"] = {"raw_mean": np.asarray(raw["mean"]).tolist(), "raw_std": np.asarray(raw["std"]).tolist(),
+                    "mean": np.mean(after, -1).tolist(), "std": np.std(after, -1).tolist(),
+                    "samples": int(tokens.shape[0])}
+    ckpt.save(steps, state, {**meta, "data": data.get_state(), "stage": "rm"}, force=True)
+  ckpt.close()
+
+  after = evaluate(state.params)
+  run.writer.write("rm_eval", steps, after)
+  run.params["rm"] = state.params
+  result = {f"before_{key}": v for key, v in meta.get("before", {}).items()}
+  result.update({f"after_{key}": v for key, v in after.items()})
+  norm = meta["norm"]
+  result.update(steps=steps, format=cfg.format, ranking_size=k, ensemble_size=cfg.ensemble_size,
+                train_records=len(train), test_records=len(test),
+                norm_ref_mean=float(np.mean(norm["mean"])), norm_ref_std=float(np.mean(norm["std"])))
+  for split, rep in reports.items():
+    result.update({f"{split}_{key}": v for key, v in rep.as_dict().items()})
+  return result
