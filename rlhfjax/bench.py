@@ -206,6 +206,11 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "sft": bench_sft,
 }
 
+# Benchmarks that live in their own modules (cheap imports: JAX is imported inside the functions).
+from rlhfjax.bench_ppo import bench_ppo_update  # noqa: E402
+
+BENCHES["ppo_update"] = bench_ppo_update
+
 
 def _si(x: float, unit: str = "") -> str:
   for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
