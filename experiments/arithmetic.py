@@ -68,6 +68,7 @@ def rl_config(c):
   c.rl_loop.log_every = 1  # metrics every N iterations
   c.rl_loop.checkpoint_every = 10  # save every N iterations
   c.rl_loop.keep_checkpoints = 2  # checkpoints kept
+  c.rl_loop.nan_reward = "zero"  # unscorable (NaN) reward: zero | mask (drop from the loss) | raise
 
 
 def get_config():
@@ -85,8 +86,10 @@ def get_config():
   c.data.min_digits = 2  # fewest digits per operand
   c.data.max_digits = 2  # most digits per operand
   c.data.thinking = True  # demonstrations carry a <thinking> scratchpad
-  c.data.flaw = "none"  # teacher weakness: "none" or "drop_carry" (forgets carries)
-  c.data.flaw_prob = 1.0  # how often the flawed teacher forgets a carry
+  # teacher weakness: "none", "drop_carry" (forgets carries) or "drop_final_carry" (forgets only
+  # the carry out of the leading column)
+  c.data.flaw = "none"
+  c.data.flaw_prob = 1.0  # how often the flawed teacher forgets a carry of its class
   c.data.num_train = 10_000  # training examples
   c.data.num_test = 1_000  # held-out examples (questions disjoint from train)
   c.data.max_prompt_len = 16  # prompt tokens (left-padded); longer prompts are an error

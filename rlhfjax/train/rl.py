@@ -208,8 +208,11 @@ def make_experience(policy_params, ref_params, value_params, rollout: dict, scor
   elif cfg.algo == "reinforce_pp":
     advantages = rl.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
   else:  # best_of_n: top-k of each group +1, bottom-k -1 (ties broken by index)
+    grouped = scores.reshape(-1, g)
+    # A group whose scores all tie (all right / all wrong) has no best or worst: no signal.
+    informative = jnp.repeat(grouped.max(1) > grouped.min(1), g)
     advantages = rl.broadcast_sequence_advantage(
-        rl.best_of_n_select(scores, g, cfg.best_of_n_k), mask)
+        rl.best_of_n_select(scores, g, cfg.best_of_n_k) * informative, mask)
   advantages = advantages * mask
 
   entropy = rl.entropy_from_logits(logits)

@@ -40,28 +40,75 @@ class RLLoopConfig:
   log_every: int = 1  # metrics every N iterations
   checkpoint_every: int = 10  # save every N iterations (and at the end)
   keep_checkpoints: int = 2
+  # A reward that could not score a completion (NaN, per the reward contract; counted in the
+  # metrics as reward_nan_<name>): "zero" scores it 0; "mask" drops that completion from the loss
+  # (its score is replaced by its group's mean so baselines are unaffected); "raise" stops the run.
+  nan_reward: str = "zero"
+
+  def __post_init__(self):
+    if self.nan_reward not in NAN_REWARD_POLICIES:
+      raise ValueError(f"rl_loop.nan_reward must be one of {NAN_REWARD_POLICIES}, "
+                       f"got {self.nan_reward!r}")
+
+
+NAN_REWARD_POLICIES = ("zero", "mask", "raise")
 
 
 # A scorer maps (rollout texts, rollout examples, device rollout) -> (scores [B] np, metrics dict).
 Scorer = Callable[[list[str], list[dict], dict], tuple[np.ndarray, dict]]
 
 
-def verifier_scorer(spec: str) -> Scorer:
-  """Weighted verifier rewards from a spec like "math:1.0,format:0.1" (names from the registry)."""
+def _nanmean(x) -> float:
+  x = np.asarray(x, np.float64)
+  ok = ~np.isnan(x)
+  return float(x[ok].mean()) if ok.any() else float("nan")
+
+
+def verifier_scorer(spec: str, nan_reward: str = "zero") -> Scorer:
+  """Weighted verifier rewards from a spec like "math:1.0,format:0.1" (names from the registry).
+
+  Each reward is logged separately (`reward_<name>`: mean over the completions it could score,
+  `reward_nan_<name>`: how many it could not). With `nan_reward="mask"` the total is NaN where any
+  reward is, for `mask_unscored` to drop; "zero" counts an unscorable reward as 0.
+  """
   from rlhfjax.rewards import combine_rewards
   weights = []
   for part in spec.split(","):
     name, _, w = part.strip().partition(":")
     weights.append((name, float(w or 1.0)))
+  policy = {"zero": "zero", "mask": "propagate", "raise": "raise"}[nan_reward]
 
   def score(texts, examples, rollout):
     fields = {"answer": [e["answer"] for e in examples]}
     total, per_fn, nan_counts = combine_rewards(weights, [e["prompt"] for e in examples], texts,
-                                                **fields)
-    metrics = {f"reward_{k}": float(np.nanmean(v)) for k, v in per_fn.items()}
+                                                nan_policy=policy, **fields)
+    metrics = {f"reward_{k}": _nanmean(v) for k, v in per_fn.items()}
     metrics.update({f"reward_nan_{k}": float(v) for k, v in nan_counts.items()})
     return np.asarray(total, np.float32), metrics
   return score
+
+
+def mask_unscored(scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """NaN scores -> (scores with each NaN replaced by its group's scored mean (0 if none), valid [B]).
+
+  Rows with `valid == 0` are then dropped from the loss (their response mask is zeroed), and the
+  replacement keeps group baselines (GRPO / RLOO / best-of-N) what they would be without them.
+  """
+  scores = np.asarray(scores, np.float32)
+  valid = ~np.isnan(scores)
+  if valid.all():
+    return scores, valid.astype(np.float32)
+  groups = np.where(valid, scores, 0.0).reshape(-1, group_size)
+  counts = valid.reshape(-1, group_size).sum(1, keepdims=True)
+  means = np.where(counts > 0, groups.sum(1, keepdims=True) / np.maximum(counts, 1), 0.0)
+  filled = np.where(valid, scores, np.broadcast_to(means, groups.shape).reshape(-1))
+  return filled.astype(np.float32), valid.astype(np.float32)
+
+
+def rollout_stats(texts: list[str]) -> dict:
+  """Thinking / format metrics of sampled completions (`rewards.thinking_stats`), prefixed."""
+  from rlhfjax.rewards import thinking_stats
+  return {f"think_{k}": v for k, v in thinking_stats(texts).items()}
 
 
 def rl_state_shardings(run: Run, cfg: RLConfig, policy_tx, value_tx):
@@ -89,8 +136,48 @@ def init_rl_state(run: Run, cfg: RLConfig, policy_params, value_init_params, pol
     vparams = transplant_trunk(fresh.params, value_init_params)
     value, _ = create_train_state(vmodel, value_tx, jax.random.fold_in(rng, 1), run.mesh, run.rules,
                                   params=vparams)
-  return RLState(policy=policy, value=value, kl=cfg.kl_controller().init(),
-                 iteration=jnp.zeros((), jnp.int32))
+  # Scalars placed replicated on the mesh, as `rl_update` returns them: an uncommitted scalar
+  # here would make the first and second iterations compile the update twice.
+  rep = replicated(run.mesh)
+  return RLState(policy=policy, value=value, kl=jax.device_put(cfg.kl_controller().init(), rep),
+                 iteration=jax.device_put(jnp.zeros((), jnp.int32), rep))
+
+
+def eval_examples(run: Run, n: int) -> list[dict]:
+  return [run.test_examples[i] for i in range(min(n, len(run.test_examples)))]
+
+
+def flaw_class_accuracy(examples: list[dict], correct: np.ndarray, flaw: str) -> dict:
+  """Greedy accuracy inside / outside the flawed teacher's weak class (empty if no flaw)."""
+  from rlhfjax.data.arithmetic import in_flaw_class
+  if flaw == "none":
+    return {}
+  try:
+    member = np.array([in_flaw_class(e, flaw) for e in examples])
+  except ValueError:  # not arithmetic questions
+    return {}
+  correct = np.asarray(correct, np.float64)
+  out = {"flaw_class_fraction": float(member.mean())}
+  if member.any():
+    out["accuracy_greedy_flaw_class"] = float(correct[member].mean())
+  if (~member).any():
+    out["accuracy_greedy_other"] = float(correct[~member].mean())
+  return out
+
+
+def teacher_eval(run: Run, loop: RLLoopConfig) -> dict:
+  """The teacher's own accuracy on the same held-out problems the policy is evaluated on."""
+  from rlhfjax.data.arithmetic import teacher_accuracy
+  exs = eval_examples(run, loop.eval_examples)
+  if not exs or "demonstration" not in exs[0]:
+    return {}
+  from rlhfjax.rewards import math_reward
+  correct = math_reward([e["demonstration"] for e in exs], [e["answer"] for e in exs])
+  out = {"teacher_accuracy": teacher_accuracy(exs)}
+  by_class = flaw_class_accuracy(exs, correct, run.config.data.get("flaw", "none"))
+  out.update({k.replace("accuracy_greedy", "teacher_accuracy"): v for k, v in by_class.items()
+              if k != "flaw_class_fraction"})
+  return out
 
 
 def evaluate_rl(run: Run, params, loop: RLLoopConfig, cfg: RLConfig, rng) -> tuple[dict, list]:
@@ -100,12 +187,16 @@ def evaluate_rl(run: Run, params, loop: RLLoopConfig, cfg: RLConfig, rng) -> tup
   if loop.eval_examples <= 0:
     return {}, []
   d = run.config.data
-  exs = [run.test_examples[i] for i in range(min(loop.eval_examples, len(run.test_examples)))]
+  exs = eval_examples(run, loop.eval_examples)
   qs, golds = [e["prompt"] for e in exs], [e["answer"] for e in exs]
   kw = dict(max_prompt_len=d.max_prompt_len, max_new_tokens=cfg.max_new_tokens or d.max_response_len,
             batch_size=run.config.eval.batch_size, rng=rng)
   greedy = generate_completions(params, run.model_cfg, run.tokenizer, qs, greedy=True, **kw)
-  out = {"accuracy_greedy": float(np.mean(math_reward(greedy, golds)))}
+  correct_greedy = math_reward(greedy, golds)
+  out = {"accuracy_greedy": float(np.mean(correct_greedy))}
+  out.update(flaw_class_accuracy(exs, correct_greedy, run.config.data.get("flaw", "none")))
+  out.update({f"greedy_{k}": v for k, v in rollout_stats(greedy).items()
+              if k in ("think_frac_well_formed", "think_mean_thinking_words")})
   k = loop.eval_samples
   if k > 0:
     sampled = generate_completions(params, run.model_cfg, run.tokenizer,
@@ -117,8 +208,8 @@ def evaluate_rl(run: Run, params, loop: RLLoopConfig, cfg: RLConfig, rng) -> tup
     answers = [[extract_answer(sampled[i * k + j]) for j in range(k)] for i in range(len(qs))]
     from rlhfjax.rewards import answers_match
     out[f"maj@{k}"] = float(np.mean(rl.maj_at_k(answers, golds, k, match=answers_match)))
-  samples = [dict(prompt=q, completion=t, answer=a) for q, t, a in zip(qs[:16], greedy[:16],
-                                                                       golds[:16])]
+  samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c))
+             for q, t, a, c in zip(qs[:16], greedy[:16], golds[:16], correct_greedy[:16])]
   return out, samples
 
 
@@ -154,8 +245,8 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
     before, _ = evaluate_rl(run, state.policy.params, loop, cfg, eval_rng)
     if extra_eval:
       before.update(extra_eval(state.policy.params))
-    meta = {"before": before}
-    run.writer.write(f"{stage}_eval", 0, before)
+    meta = {"before": before, "teacher": teacher_eval(run, loop)}
+    run.writer.write(f"{stage}_eval", 0, {**before, **meta["teacher"]})
 
   sampling = SamplingConfig(model=run.model_cfg, max_new_tokens=cfg.max_new_tokens or d.max_response_len,
                             eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
@@ -180,6 +271,14 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
     rollout = {"prompt_ids": ids, "prompt_mask": mask, "response_ids": out.tokens,
                "response_mask": out.mask, "finished": out.finished}
     scores, score_metrics = scorer(texts, group, rollout)
+    if loop.nan_reward == "mask":
+      scores, valid = mask_unscored(scores, cfg.group_size)
+      score_metrics["scored_fraction"] = float(valid.mean())
+      if not valid.all():
+        rollout["response_mask"] = out.mask * jnp.asarray(valid, out.mask.dtype)[:, None]
+    elif np.isnan(scores).any():  # a custom scorer broke the contract for "zero"
+      scores = np.nan_to_num(scores, nan=0.0)
+    score_metrics.update(rollout_stats(texts))
     t_score = time.perf_counter()
     value_params = state.value.params if cfg.has_critic else None
     exp, exp_metrics = experience_fn(state.policy.params, ref_params, value_params, rollout,
@@ -218,6 +317,7 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
   run.params[stage] = state.policy.params
   result = {f"before_{k}": v for k, v in meta.get("before", {}).items()}
   result.update({f"after_{k}": v for k, v in after.items()})
+  result.update(meta.get("teacher", {}))
   result["iterations"] = cfg.iterations
   result["algo"] = cfg.algo
   return result
@@ -229,5 +329,5 @@ def run_verifier_rl(run: Run) -> dict:
   cfg = to_dataclass(RLConfig, run.config.rl)
   loop = to_dataclass(RLLoopConfig, run.config.rl_loop)
   sft = stage_params(run, "sft")
-  return run_rl_loop(run, "rl", cfg, loop, verifier_scorer(run.config.rl_reward), policy_init=sft,
-                     ref_params=sft, value_init=sft)
+  return run_rl_loop(run, "rl", cfg, loop, verifier_scorer(run.config.rl_reward, loop.nan_reward),
+                     policy_init=sft, ref_params=sft, value_init=sft)

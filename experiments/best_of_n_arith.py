@@ -1,0 +1,21 @@
+"""Best-of-N rejection sampling past a flawed teacher (see `exceed_teacher.py`).
+
+    python -m rlhfjax.main --config=experiments/best_of_n_arith.py --workdir=/tmp/bon_arith
+
+N = 8 attempts per problem; the top-k by verifier reward are positive (+1) and the bottom-k negative
+(-1) signal, the rest ignored; a group whose attempts all tie (all right or all wrong) gives none.
+KL to the SFT reference in the loss (kl_mode auto = "loss").
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import exceed_teacher  # noqa: E402
+
+
+def get_config():
+  c = exceed_teacher.get_config("best_of_n")
+  c.rl.best_of_n_k = 2  # top-2 positive, bottom-2 negative of each 8
+  return c
