@@ -25,7 +25,9 @@ def _state(cfg, mesh):
     value, v_sh = create_train_state(ValueModel(CFG), vtx, jax.random.key(2), mesh, RULES)
   rep = replicated(mesh)
   kl = cfg.kl_controller().init()
-  state = RLState(policy=policy, value=value, kl=kl, iteration=jnp.zeros((), jnp.int32))
+  # committed to the mesh like the update's outputs, so iteration 2 reuses iteration 1's executable
+  state = RLState(policy=policy, value=value, kl=jax.device_put(kl, rep),
+                  iteration=jax.device_put(jnp.zeros((), jnp.int32), rep))
   shardings = RLState(policy=p_sh, value=v_sh, kl=jax.tree.map(lambda _: rep, kl), iteration=rep)
   return state, shardings, jax.device_put(sft, p_sh.params), ptx, vtx
 
