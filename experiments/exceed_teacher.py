@@ -10,10 +10,10 @@ worse still); RL with a 0/1 verifier reward on the final answer then amplifies t
 behaviour it sampled and trains past the teacher.
 
 The algorithm-specific files (`grpo_arith.py`, `rloo_arith.py`, `reinforce_pp_arith.py`,
-`best_of_n_arith.py`) change only `rl.*`; the SFT stage is identical (same seed, same data), so
-a shared `--config.sft_workdir`-free workflow is simply: run one file, then run the others on a
-copy of its workdir with `checkpoints/rl` removed — or run each from scratch (the budget below
-is for one full run: SFT + RL + evals under 15 minutes on 2 CPU cores).
+`best_of_n_arith.py`) change only `rl.*`, so their SFT stage is bit-identical (same seed, same
+data): to compare algorithms without re-running SFT, copy a finished workdir, delete its
+`checkpoints/rl`, and run another file on the copy (the `sft` stage resumes instantly). One full
+run from scratch (data, tokenizer, SFT, RL, evals) is the under-15-minutes-on-2-CPU-cores budget.
 """
 
 import os

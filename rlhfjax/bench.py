@@ -19,7 +19,12 @@ multiply-add, causal attention at half the context on average, LM head included)
 Defaults are sized so `all` takes about two minutes on a 2-core CPU; raise them with flags
 (`--batch`, `--seq`, `--d_model`, ...) on an accelerator.
 
-Later subcommands (`rm_score`, `ppo_update`, `rl_step`) are one function each in `BENCHES`.
+  * rl_step: one RL iteration, timed per phase (sample, score, experience, update); FLOPs = the
+    sample's + one forward per model in make_experience + 3 x forward per trained model per epoch.
+
+    python -m rlhfjax.bench rl_step --algo grpo        # seconds per RL iteration split by phase
+
+Later subcommands (`rm_score`, `ppo_update`) are one function each in `BENCHES`.
 Heavy imports (JAX, Flax, optax) happen inside the functions so `--help` is instant.
 """
 
@@ -201,9 +206,109 @@ def bench_sft(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int =
           "step_s": sec, "compile_s": compile_s, "memory": memory}
 
 
+def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layers: int = 4,
+                  batch: int = 16, group: int = 8, new_tokens: int = 40, steps: int = 3,
+                  dtype: str = "float32", devices: str = "one", **_) -> dict:
+  """One verifier-reward RL iteration on the arithmetic task, seconds per phase.
+
+  sample (`sampling.generate`, tokens to host) -> score (decode + `math_reward` on the host) ->
+  experience (jitted `make_experience`: policy / reference / critic forwards, advantages) ->
+  update (jitted, donated `rl_update`: epochs x minibatches). `jax.block_until_ready` after each
+  phase, so each is charged its own device time. The policy is freshly initialized and EOS is
+  disabled, so every row decodes all `new_tokens` (a random policy would stop at random points);
+  `batch` prompts x `group` samples per prompt, one minibatch of all of them.
+  """
+  import os
+  import tempfile
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rlhfjax.data.arithmetic import ArithmeticConfig, generate_problems
+  from rlhfjax.models.heads import PolicyModel, ValueModel
+  from rlhfjax.parallel import axes, replicated, shard_batch
+  from rlhfjax.rewards import math_reward
+  from rlhfjax.sampling import SamplingConfig, generate
+  from rlhfjax.tokenizer import Tokenizer, template_texts, train_tokenizer
+  from rlhfjax.train.rl import RLConfig, RLState, make_experience_fn, make_rl_update
+  from rlhfjax.train.state import create_train_state, make_optimizer
+
+  problems = generate_problems(ArithmeticConfig(), max(batch, 512), seed=0)
+  with tempfile.TemporaryDirectory() as tmp:
+    train_tokenizer(template_texts(problems), os.path.join(tmp, "tok.model"), vocab_size=96)
+    tok = Tokenizer.load(os.path.join(tmp, "tok.model"))
+  prompt = 16
+  vocab = -(-tok.vocab_size // 8) * 8
+  model = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers,
+                             max_len=prompt + new_tokens, head_dim=32, dtype=dtype)
+  b = batch * group
+  cfg = RLConfig(algo=algo, iterations=steps + 1, prompts_per_iter=batch, group_size=group,
+                 minibatch_size=b, max_new_tokens=new_tokens)
+  mesh, rules = _mesh(devices), axes.DEFAULT_RULES
+  ptx, vtx = make_optimizer(cfg.optim(), steps + 1), make_optimizer(cfg.optim(value=True), steps + 1)
+  policy, p_sh = create_train_state(PolicyModel(model), ptx, jax.random.key(0), mesh, rules)
+  value, v_sh = (None, None)
+  if cfg.has_critic:
+    value, v_sh = create_train_state(ValueModel(model), vtx, jax.random.key(1), mesh, rules)
+  rep = replicated(mesh)
+  kl = jax.device_put(cfg.kl_controller().init(), rep)  # placed as rl_update returns it: no recompile
+  state = RLState(policy=policy, value=value, kl=kl,
+                  iteration=jax.device_put(jnp.zeros((), jnp.int32), rep))
+  shardings = RLState(policy=p_sh, value=v_sh, kl=jax.tree.map(lambda _: rep, kl), iteration=rep)
+  ref = jax.tree.map(jnp.copy, policy.params)
+  experience_fn = make_experience_fn(cfg, model, mesh, rules)
+  update_fn = make_rl_update(cfg, model, ptx, vtx, shardings, mesh, rules)
+  sc = SamplingConfig(model=model, max_new_tokens=new_tokens, eos_id=-1, pad_id=tok.pad_id,
+                      temperature=1.0)
+
+  def iteration(i: int) -> dict:
+    nonlocal state
+    exs = [problems[(i * batch + j) % len(problems)] for j in range(batch) for _ in range(group)]
+    ids, mask = tok.encode_prompts([e["prompt"] for e in exs], prompt)
+    ids, mask = shard_batch((ids, mask), mesh, rules)
+    t0 = time.perf_counter()
+    out = generate(state.policy.params, ids, mask, jax.random.key(10 + i), sc)
+    tokens, resp_mask = jax.device_get((out.tokens, out.mask))
+    t1 = time.perf_counter()
+    texts = tok.decode_batch(np.asarray(tokens), np.asarray(resp_mask))
+    scores = jnp.asarray(math_reward(texts, [e["answer"] for e in exs]))
+    t2 = time.perf_counter()
+    rollout = {"prompt_ids": ids, "prompt_mask": mask, "response_ids": out.tokens,
+               "response_mask": out.mask, "finished": out.finished}
+    vparams = state.value.params if cfg.has_critic else None
+    exp, _ = jax.block_until_ready(experience_fn(state.policy.params, ref, vparams, rollout, scores,
+                                                 state.kl.value))
+    t3 = time.perf_counter()
+    state, metrics = jax.block_until_ready(update_fn(state, exp, jax.random.key(100 + i)))
+    t4 = time.perf_counter()
+    return {"sample": t1 - t0, "score": t2 - t1, "experience": t3 - t2, "update": t4 - t3}
+
+  t = time.perf_counter()
+  iteration(0)  # compile + warm up
+  compile_s = time.perf_counter() - t
+  runs = [iteration(i + 1) for i in range(steps)]
+  phases = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+  sec = sum(phases.values())
+  seq = prompt + new_tokens
+  n_models = 3 if cfg.has_critic else 2  # experience: policy + reference (+ critic) forwards
+  flops = (b * prompt * model.forward_flops_per_token(prompt)
+           + b * new_tokens * model.forward_flops_per_token(2 * prompt + new_tokens)
+           + n_models * b * seq * model.forward_flops_per_token(seq)
+           + cfg.epochs * 3 * (n_models - 1) * b * seq * model.forward_flops_per_token(seq))
+  achieved = flops / sec
+  split = ", ".join(f"{k} {v:.3f} s ({100 * v / sec:.0f}%)" for k, v in phases.items())
+  return {"bench": "rl_step", "config": f"{algo} d{d_model} L{n_layers} V{vocab} {batch}x{group} "
+                                        f"P{prompt}+{new_tokens} {dtype}",
+          "params": model.num_params(), "tokens_per_s": b * new_tokens / sec, "flops_per_s": achieved,
+          "peak_flops_per_s": _peak_for(peak, dtype), "ratio": achieved / _peak_for(peak, dtype),
+          "step_s": sec, "compile_s": compile_s, "memory": {}, "phases": phases,
+          "lines": [f"rl_step ({algo}) seconds per iteration: {sec:.3f} s = {split}"]}
+
+
 BENCHES: dict[str, Callable[..., dict]] = {
     "sample": bench_sample,
     "sft": bench_sft,
+    "rl_step": bench_rl_step,
 }
 
 # Benchmarks that live in their own modules (cheap imports: JAX is imported inside the functions).
@@ -257,6 +362,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--devices", choices=["one", "all"], help="one-device mesh (default) or all devices")
   p.add_argument("--remat", action="store_true", default=None, help="sft: rematerialize layers")
   p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
+  p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "reinforce_pp", "best_of_n"],
+                 help="rl_step: the RL algorithm")
+  p.add_argument("--group", type=int, help="rl_step: samples per prompt (--batch = prompts)")
   args = p.parse_args(argv)
   overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("which", "matmul_n")}
 
@@ -273,6 +381,8 @@ def main(argv=None) -> list[dict]:
     print(row(r), flush=True)
   for r in results:
     if line := memory_line(r):
+      print(line)
+    for line in r.get("lines", ()):
       print(line)
   return results
 
