@@ -92,16 +92,17 @@ def test_best_of_n_tied_groups_give_no_signal():
   model = TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                             head_dim=8, d_ff=32, max_len=8)
   cfg = RLConfig(algo="best_of_n", prompts_per_iter=3, group_size=4, minibatch_size=12,
-                 best_of_n_k=1)
+                 best_of_n_k=2)
   params = init_params(PolicyModel(model), jax.random.key(0))
   b = 12
   rollout = dict(prompt_ids=jnp.ones((b, 3), jnp.int32), prompt_mask=jnp.ones((b, 3), jnp.int32),
                  response_ids=jnp.full((b, 4), 5, jnp.int32), response_mask=jnp.ones((b, 4)),
                  finished=jnp.ones((b,), bool))
-  scores = jnp.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0], jnp.float32)  # all right, all wrong, mixed
+  scores = jnp.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0], jnp.float32)  # all right, all wrong, 1 of 4
   mesh = create_mesh((1, 1, 1), jax.devices()[:1])
   exp, _ = make_experience_fn(cfg, model, mesh, axes.DEFAULT_RULES)(params, params, None, rollout,
                                                                     scores, jnp.float32(0.0))
   adv = np.asarray(exp.advantages[:, 0])
-  # mixed group [0, 1, 1, 0]: the first best (index 1) +1, the last worst (index 3) -1
-  np.testing.assert_array_equal(adv, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, -1])
+  # group [0, 1, 0, 0], k=2: only the right one is positive (a wrong answer is never "2nd best");
+  # the bottom 2 (wrong) are negative; tied groups give nothing
+  np.testing.assert_array_equal(adv, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, -1, -1])

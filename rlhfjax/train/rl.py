@@ -209,10 +209,13 @@ def make_experience(policy_params, ref_params, value_params, rollout: dict, scor
     advantages = rl.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
   else:  # best_of_n: top-k of each group +1, bottom-k -1 (ties broken by index)
     grouped = scores.reshape(-1, g)
-    # A group whose scores all tie (all right / all wrong) has no best or worst: no signal.
-    informative = jnp.repeat(grouped.max(1) > grouped.min(1), g)
+    # Only a sample better than its group's worst is a positive, only one worse than its group's
+    # best a negative: all-tied groups give no signal, and ties never cross the top-k/bottom-k line.
+    above_min = (grouped > grouped.min(1, keepdims=True)).reshape(-1)
+    below_max = (grouped < grouped.max(1, keepdims=True)).reshape(-1)
+    sel = rl.best_of_n_select(scores, g, cfg.best_of_n_k)
     advantages = rl.broadcast_sequence_advantage(
-        rl.best_of_n_select(scores, g, cfg.best_of_n_k) * informative, mask)
+        jnp.where(sel > 0, sel * above_min, sel * below_max), mask)
   advantages = advantages * mask
 
   entropy = rl.entropy_from_logits(logits)
