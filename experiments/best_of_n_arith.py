@@ -3,7 +3,9 @@
     python -m rlhfjax.main --config=experiments/best_of_n_arith.py --workdir=/tmp/bon_arith
 
 N = 8 attempts per problem; the top-k by verifier reward are positive (+1) and the bottom-k negative
-(-1) signal, the rest ignored; a group whose attempts all tie (all right or all wrong) gives none.
+(-1) signal, the rest ignored. A positive must beat its group's worst and a negative trail its best,
+so a group whose attempts all tie (all right or all wrong) gives no signal, and with one right
+answer of 8 only that one is positive.
 KL to the SFT reference in the loss (kl_mode auto = "loss").
 """
 
