@@ -20,6 +20,13 @@ position, bit-exact resume). This module adds what only RLHF-with-a-simulated-hu
 proxy `reward_mean` and `kl_seq_mean`), a held-out gold/proxy evaluation before and after
 (`gold_mean`, `gold_std`, `proxy_mean`), a samples table with both scores, and the curve
 `plots/ppo_curves.png` (proxy, gold, KL with the controller's target).
+
+Not built yet: the shared-trunk option (one trunk, LM + value heads, one optimizer, loss
+`pg + vf_coef * value`). The plan: a `PolicyValueModel` whose params are PolicyModel's plus
+`head_kernel`/`head_bias` (so the sampler and reference keep using `PolicyModel` on them),
+`RLConfig.shared_trunk` making `make_experience` and `policy_loss` read values from the same forward
+and `RLState.value = None`, and `rl_loop.init_rl_state`/`rl_state_shardings` building the joint
+state. Policy and critic are separate parameter trees today (the InstructGPT default).
 """
 
 from __future__ import annotations
