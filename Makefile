@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python -m rlhfjax.demo --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist load tests
 
 bench: $(STAMP)
 	$(BIN)/python -m rlhfjax.bench all
