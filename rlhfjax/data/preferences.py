@@ -38,6 +38,8 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from rlhfjax.data.records import RecordView, decode_value
+
 log = logging.getLogger("rlhfjax")
 
 Kind = Literal["pairs", "rankings"]
@@ -346,24 +348,13 @@ def preference_builder(data_dir: str, kind: Kind, train_path: str, test_path: st
   return builder_cls(data_dir=os.path.expanduser(os.fspath(data_dir)), config=cfg)
 
 
-class _PreferenceRecords(Sequence):
-  """Random-access view over an array_record source: str values, rankings' responses as a list."""
+class _PreferenceRecords(RecordView):
+  """Preference records with str values and rankings' responses as a list."""
 
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"index {i} out of range for {len(self)} records")
-    rec = self._source[i % len(self)]
+  def decode(self, rec: dict) -> dict:
     out = {}
     for k, v in rec.items():
-      v = v.decode("utf-8") if isinstance(v, bytes) else v
+      v = decode_value(v)
       if k == "responses_json":
         out["responses"] = json.loads(v)
       elif k == "margin":
@@ -371,9 +362,6 @@ class _PreferenceRecords(Sequence):
       else:
         out[k] = v
     return out
-
-  def __getitems__(self, idxs):
-    return [self[i] for i in idxs]
 
 
 def load_preferences(data_dir: str, kind: Kind, train_path: str, test_path: str

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhfjax.data.arithmetic import ArithmeticConfig, generate_problems
+from rlhfjax.data.records import RecordView
 
 _STR_KEYS = ("prompt", "answer", "demonstration")
 
@@ -109,28 +110,6 @@ def builder_config_for(arithmetic: ArithmeticConfig, *, num_train: int = 10_000,
                                  seed=seed)
 
 
-class _StrRecords(Sequence):
-  """Random-access view over an array_record data source that decodes bytes to str."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"index {i} out of range for {len(self)} records")
-    rec = self._source[i % len(self)]
-    return {k: (v.decode("utf-8") if isinstance(v, bytes) else
-                bool(v) if isinstance(v, np.bool_) else v) for k, v in rec.items()}
-
-  def __getitems__(self, idxs):
-    return [self[i] for i in idxs]
-
-
 def load_arithmetic(data_dir: str, config: str | ArithmeticConfig | ArithmeticBuilderConfig,
                     split: str) -> Sequence[dict]:
   """Builds the dataset into `data_dir` on first use and returns `split` as a random-access sequence.
@@ -152,4 +131,4 @@ def load_arithmetic(data_dir: str, config: str | ArithmeticConfig | ArithmeticBu
   builder = ArithmeticBuilder(data_dir=os.path.expanduser(os.fspath(data_dir)), config=config)
   if not builder.is_prepared():
     builder.download_and_prepare()
-  return _StrRecords(builder.as_data_source(split=split))
+  return RecordView(builder.as_data_source(split=split))
