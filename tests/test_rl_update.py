@@ -83,13 +83,12 @@ def test_sharded_update_equals_single_device(algo):
 
 
 @pytest.mark.parametrize("aggregation", ["sequence"])
-def test_microbatch_accumulation_is_exact(aggregation):
-  # GRPO with the k3 KL in the loss and per-sequence aggregation: micro-batches weighted by their
-  # share of sequences reproduce the whole-minibatch gradient
-  mesh = create_mesh((1, 1, 1), jax.devices()[:1])
+def test_grpo_sharded_and_microbatched_equals_single_device(aggregation):
+  # GRPO with the k3 KL in the loss and per-sequence aggregation: on a 2x2x2 mesh with micro-batches
+  # weighted by their share of sequences, the update reproduces the single-device whole-minibatch one
   kw = dict(algo="grpo", aggregation=aggregation, **BASE)
-  whole, mw = _run(RLConfig(**kw), mesh, iters=1)
-  micro, mm = _run(RLConfig(microbatch_size=2, **kw), mesh, iters=1)
+  whole, mw = _run(RLConfig(**kw), create_mesh((1, 1, 1), jax.devices()[:1]), iters=1)
+  micro, mm = _run(RLConfig(microbatch_size=2, **kw), create_mesh((2, 2, 2)), iters=1)
   chex.assert_trees_all_close(whole.policy.params, micro.policy.params, atol=1e-5)
   np.testing.assert_allclose(mw[0]["kl_loss"], mm[0]["kl_loss"], atol=1e-6)
 
