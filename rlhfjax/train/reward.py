@@ -219,7 +219,7 @@ def reward_train_step(state: TrainState, batch, *, model_cfg: TransformerConfig,
   (_, metrics), grads = grad_fn(state.params, batch, rng, model_cfg=model_cfg, loss_cfg=loss_cfg)
   grads = freeze_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                        opt_state=opt_state), metrics
 
