@@ -175,7 +175,11 @@ def main(argv=None) -> dict:
   print(f"rlhfjax demo: stages={config.stages} workdir={args.workdir} (a fresh run builds the data set "
         "and tokenizer, then trains; ~6 minutes on 2 CPU cores)", flush=True)
   t0 = time.perf_counter()
-  results = train_and_evaluate(config, args.workdir)
+  try:
+    results = train_and_evaluate(config, args.workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line, no traceback
+    print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
   print(summary(results, args.workdir, time.perf_counter() - t0))
   return results
 

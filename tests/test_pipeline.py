@@ -101,3 +101,17 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     train_and_evaluate(config, str(tmp_path))
   ckpt = Checkpointer(os.path.join(tmp_path, "checkpoints", "sft"))
   assert ckpt.all_steps() == [1]  # complete on disk; the non-finite state was never saved
+
+
+def test_workdir_with_another_model_is_a_one_line_error(tmp_path):
+  from rlhfjax.config import to_json
+  from rlhfjax.train.pipeline import check_resumable
+  from tests import tiny
+  config = tiny.get_config()
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(to_json(config))
+  config.sft.steps = 99  # training length may change on resume
+  check_resumable(config, str(tmp_path))
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match=r"different config \(model.d_model differ\); use a new"):
+    check_resumable(config, str(tmp_path))

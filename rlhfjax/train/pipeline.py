@@ -110,12 +110,41 @@ def _import_stages():
   import rlhfjax.train.ppo_loop  # noqa: F401  (registers "ppo")
 
 
+# Sections whose change makes existing checkpoints / data / tokenizer in a workdir unusable.
+SHAPE_SECTIONS = ("seed", "model", "tokenizer", "data")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir resumes only the run it holds: a one-line error if model/data/tokenizer changed."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  with open(path) as f:
+    old = _flatten({k: v for k, v in json.load(f).items() if k in SHAPE_SECTIONS})
+  new = _flatten({k: v for k, v in json.loads(to_json(config)).items() if k in SHAPE_SECTIONS})
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    raise ValueError(f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
+                     f"{' ...' if len(diff) > 6 else ''} differ); use a new --workdir or delete it")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run `config.stages` in order in `workdir`; resumable. Returns {stage: results}."""
   from rlhfjax.metrics import MetricsWriter, plot_curves, write_report
   _import_stages()
   stages = stage_list(config)
   os.makedirs(workdir, exist_ok=True)
+  check_resumable(config, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(to_json(config))
   train, test = load_data(config, workdir)
