@@ -60,6 +60,8 @@ def rl_config(c):
   c.rl.top_k = 0  # top-k sampling (0 = off)
   c.rl.top_p = 1.0  # nucleus sampling (1 = off)
   c.rl.max_new_tokens = 0  # response budget (0 = data.max_response_len)
+  c.rl.shared_trunk = False  # ppo: one trunk with LM + value heads and one optimizer
+  c.rl.vf_coef = 0.1  # value-loss weight in the joint loss when shared_trunk
   c.rl_reward = "math:1.0"  # verifier rewards and weights for the `rl` stage, e.g. "math:1,format:0.1"
   c.rl_loop = ml_collections.ConfigDict()
   c.rl_loop.eval_every = 20  # eval every N iterations (0 = before/after only)
@@ -69,6 +71,7 @@ def rl_config(c):
   c.rl_loop.checkpoint_every = 10  # save every N iterations
   c.rl_loop.keep_checkpoints = 2  # checkpoints kept
   c.rl_loop.nan_reward = "zero"  # unscorable (NaN) reward: zero | mask (drop from the loss) | raise
+  c.rl_loop.update = "jit"  # update parallelism: jit (GSPMD, data+fsdp+tensor) | shard_map (explicit psum over data)
 
 
 def get_config():
@@ -90,6 +93,8 @@ def get_config():
   # the carry out of the leading column)
   c.data.flaw = "none"
   c.data.flaw_prob = 1.0  # how often the flawed teacher forgets a carry of its class
+  c.data.chatter = 0.0  # teacher style: share of demonstrations padded with 1-3 filler sentences
+  c.data.repeat = 0.0  # teacher style: share of demonstrations that state the answer twice
   c.data.num_train = 10_000  # training examples
   c.data.num_test = 1_000  # held-out examples (questions disjoint from train)
   c.data.max_prompt_len = 16  # prompt tokens (left-padded); longer prompts are an error

@@ -16,8 +16,9 @@ ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, "tiny_ppo.py")
 
 
-def _cli(workdir, *overrides):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+def _cli(workdir, *overrides, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
   return [sys.executable, "-m", "rlhfjax.main", f"--config={TINY}", f"--workdir={workdir}",
           *overrides], env
 
@@ -39,6 +40,7 @@ def test_ppo_stage_and_kill9_resume_is_exact(tmp_path):
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
   shutil.copytree(base, full)
   shutil.copytree(base, killed)
+  shutil.copytree(base, tmp_path / "shared")
 
   cmd, env = _cli(full)
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
@@ -77,3 +79,19 @@ def test_ppo_stage_and_kill9_resume_is_exact(tmp_path):
   assert s_full == s_res == 6
   # bit-identical policy, critic, both optimizer states, rngs, KL controller state, iteration
   chex.assert_trees_all_equal(t_full, t_res)
+
+  # the shared-trunk actor-critic under the explicit shard_map update, data-parallel over 2 devices
+  shared = tmp_path / "shared"
+  cmd, env = _cli(shared, "--config.rl.shared_trunk=True", "--config.rl_loop.update=shard_map",
+                  "--config.rl.iterations=2", devices=2)
+  subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
+  res = json.load(open(shared / "results.json"))["ppo"]
+  assert res["value_init"] == "shared_trunk" and res["update"] == "shard_map"
+  ppo = [json.loads(l) for l in open(shared / "metrics.jsonl")]
+  ppo = [r for r in ppo if r["stage"] == "ppo"]
+  assert [r["step"] for r in ppo] == [1, 2]
+  for k in ("vf_loss", "explained_variance", "policy_grad_norm", "kl_seq_mean"):
+    assert all(np.isfinite(r[k]) for r in ppo), k
+  assert all("value_grad_norm" not in r for r in ppo)  # one optimizer: no separate critic step
+  _, t_shared = _ppo_state(shared)
+  assert "value_head" in t_shared["policy"]["params"] and not t_shared.get("value")

@@ -1,5 +1,6 @@
 """Transformer trunk, policy / value / reward heads and the KV cache."""
 
-from rlhfjax.models.heads import PolicyModel, RewardModel, ValueModel, last_token_index, transplant_trunk
+from rlhfjax.models.heads import (PolicyModel, PolicyValueModel, RewardModel, ValueModel, last_token_index,
+                                  transplant_trunk)
 from rlhfjax.models.transformer import TransformerConfig, Trunk, init_cache, rope
 from rlhfjax.models.init import init_params, positions_from_mask

@@ -24,14 +24,18 @@ class PolicyModel(nn.Module):
   def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
     trunk = Trunk(self.cfg, name="trunk")
     h, new_cache = trunk(tokens, positions, mask, cache, cache_index)
-    if self.cfg.tie_embeddings:
-      logits = trunk.attend(h)
-    else:
-      w = self.param("lm_head", nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (ax.EMBED, ax.VOCAB)),
-                     (self.cfg.d_model, self.cfg.vocab_size), self.cfg.params_dtype)
-      logits = jnp.einsum("BTD,DV->BTV", h, w.astype(h.dtype)).astype(jnp.float32)
-    return logits, new_cache
+    return _lm_logits(self, trunk, h), new_cache
+
+
+def _lm_logits(module: nn.Module, trunk: Trunk, h):
+  """Next-token logits [B, T, vocab] (float32): the tied embedding or an `lm_head` param of `module`."""
+  cfg = module.cfg
+  if cfg.tie_embeddings:
+    return trunk.attend(h)
+  w = module.param("lm_head", nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (ax.EMBED, ax.VOCAB)),
+                   (cfg.d_model, cfg.vocab_size), cfg.params_dtype)
+  return jnp.einsum("BTD,DV->BTV", h, w.astype(h.dtype)).astype(jnp.float32)
 
 
 def _scalar_head(module: nn.Module, h, kernel_init):
@@ -52,6 +56,33 @@ class ValueModel(nn.Module):
   def __call__(self, tokens, positions, mask):
     h, _ = Trunk(self.cfg, name="trunk")(tokens, positions, mask)
     return _scalar_head(self, h, nn.initializers.zeros)
+
+
+class _ValueHead(nn.Module):
+  """The scalar value projection alone (a submodule, so its params sit under one name)."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, h):
+    return _scalar_head(self, h, nn.initializers.zeros)
+
+
+class PolicyValueModel(nn.Module):
+  """Shared-trunk actor-critic: one trunk, the LM head and a value head -> (logits [B,T,V], values [B,T]).
+
+  Its parameters are `PolicyModel`'s plus `value_head: {head_kernel, head_bias}`, so the sampler, the
+  reference and `response_logits` apply `PolicyModel` to them unchanged (linen ignores the extra
+  subtree), and one forward gives the PPO loss both the log-probs and the values.
+  """
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, mask):
+    trunk = Trunk(self.cfg, name="trunk")
+    h, _ = trunk(tokens, positions, mask)
+    return _lm_logits(self, trunk, h), _ValueHead(self.cfg, name="value_head")(h)
 
 
 def last_token_index(mask: jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhfjax.models.heads import PolicyModel
+from rlhfjax.models.heads import PolicyModel, PolicyValueModel
 from rlhfjax.models.init import positions_from_mask
 from rlhfjax.models.transformer import TransformerConfig
 
@@ -28,6 +28,16 @@ def response_logits(params, cfg: TransformerConfig, prompt_ids, prompt_mask, res
   logits, _ = PolicyModel(cfg).apply({"params": params}, tokens, positions, mask)
   p = prompt_ids.shape[1]
   return logits[:, p - 1:-1] / temperature
+
+
+def response_logits_values(params, cfg: TransformerConfig, prompt_ids, prompt_mask, response_ids,
+                           response_mask, temperature: float = 1.0):
+  """Shared-trunk actor-critic (`PolicyValueModel`), one forward: (logits [B, N, vocab] / temperature,
+  values [B, N]); both at column `P - 1 + i`, i.e. for the state before response token `i`."""
+  tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+  logits, values = PolicyValueModel(cfg).apply({"params": params}, tokens, positions, mask)
+  p = prompt_ids.shape[1]
+  return logits[:, p - 1:-1] / temperature, values[:, p - 1:-1]
 
 
 def token_logprobs(logits, tokens):

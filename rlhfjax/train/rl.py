@@ -25,7 +25,8 @@ import optax
 
 from rlhfjax import rl
 from rlhfjax.models.heads import ValueModel
-from rlhfjax.models.sequence import concat_prompt_response, response_logits, token_logprobs
+from rlhfjax.models.sequence import (concat_prompt_response, response_logits, response_logits_values,
+                                     token_logprobs)
 from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.train.state import OptimConfig, TrainState
@@ -72,6 +73,8 @@ class RLConfig:
   top_k: int = 0
   top_p: float = 1.0
   max_new_tokens: int = 0  # 0 = config.data.max_response_len
+  shared_trunk: bool = False  # PPO: one trunk with LM + value heads, one optimizer (else separate critic)
+  vf_coef: float = 0.1  # value-loss weight in the joint loss when shared_trunk (PPO paper's c1)
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -83,6 +86,8 @@ class RLConfig:
     if self.batch_size % self.minibatch_size:
       raise ValueError(f"rollout batch {self.batch_size} (prompts_per_iter x group_size) is not a "
                        f"multiple of rl.minibatch_size={self.minibatch_size}")
+    if self.shared_trunk and not self.has_critic:
+      raise ValueError(f"rl.shared_trunk needs a critic (rl.algo='ppo'), got rl.algo={self.algo!r}")
     if self.microbatch_size and self.minibatch_size % self.microbatch_size:
       raise ValueError(f"rl.minibatch_size={self.minibatch_size} is not a multiple of "
                        f"rl.microbatch_size={self.microbatch_size}")
@@ -94,6 +99,11 @@ class RLConfig:
   @property
   def has_critic(self) -> bool:
     return self.algo == "ppo"
+
+  @property
+  def separate_critic(self) -> bool:
+    """A critic with its own parameters and optimizer (PPO without `shared_trunk`)."""
+    return self.has_critic and not self.shared_trunk
 
   @property
   def kl_placement(self) -> str:
@@ -114,8 +124,8 @@ class RLConfig:
 
 @flax.struct.dataclass
 class RLState:
-  policy: TrainState
-  value: Any  # TrainState of the critic, or None (critic-free)
+  policy: TrainState  # with `shared_trunk`, params also hold the value head (`PolicyValueModel`)
+  value: Any  # TrainState of a separate critic, or None (critic-free or shared trunk)
   kl: rl.KLState
   iteration: jax.Array
 
@@ -161,7 +171,8 @@ def make_experience(policy_params, ref_params, value_params, rollout: dict, scor
 
   Args:
     policy_params, ref_params: policy and frozen reference parameters.
-    value_params: critic parameters (ignored unless `cfg.algo == "ppo"`).
+    value_params: critic parameters (ignored unless `cfg.algo == "ppo"`; with `cfg.shared_trunk` the
+      values come from `policy_params`' value head in the same forward as the log-probs).
     rollout: `prompt_ids, prompt_mask` [B, P], `response_ids, response_mask` [B, N], `finished` [B].
     scores: [B] sequence-level rewards (verifier or reward model).
     kl_coef: current beta (scalar array; from the KL controller state).
@@ -172,7 +183,11 @@ def make_experience(policy_params, ref_params, value_params, rollout: dict, scor
   """
   args = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["response_ids"])
   mask = rollout["response_mask"].astype(jnp.float32)
-  logits = response_logits(policy_params, model_cfg, *args, mask, cfg.temperature)
+  if cfg.shared_trunk:
+    logits, shared_values = response_logits_values(policy_params, model_cfg, *args, mask,
+                                                   cfg.temperature)
+  else:
+    logits = response_logits(policy_params, model_cfg, *args, mask, cfg.temperature)
   logprobs = token_logprobs(logits, rollout["response_ids"]) * mask
   ref_logprobs = token_logprobs(response_logits(ref_params, model_cfg, *args, mask, cfg.temperature),
                                 rollout["response_ids"]) * mask
@@ -192,7 +207,10 @@ def make_experience(policy_params, ref_params, value_params, rollout: dict, scor
   values, returns = zeros, zeros
   g = cfg.group_size
   if cfg.algo == "ppo":
-    values = response_values(value_params, model_cfg, *args, mask) * mask
+    if cfg.shared_trunk:
+      values = shared_values * mask
+    else:
+      values = response_values(value_params, model_cfg, *args, mask) * mask
     advantages, returns = rl.gae(token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:
       advantages = rl.whiten(advantages, mask)
@@ -247,10 +265,12 @@ def _units(mask, aggregation: str):
 
 
 def policy_loss(params, mb: Experience, kl_coef, *, cfg: RLConfig, model_cfg: TransformerConfig):
-  """Clipped surrogate (+ k3 KL to the reference when KL is in the loss, − entropy bonus)."""
+  """Clipped surrogate (+ k3 KL to the reference when KL is in the loss, − entropy bonus; with
+  `cfg.shared_trunk`, + `vf_coef` × the clipped value loss from the same forward)."""
   mask = mb.response_mask
-  logits = response_logits(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask,
-                           cfg.temperature)
+  fwd = response_logits_values if cfg.shared_trunk else response_logits
+  out = fwd(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask, cfg.temperature)
+  logits, values = out if cfg.shared_trunk else (out, None)
   logprobs = token_logprobs(logits, mb.response_ids)
   agg = dict(aggregation=cfg.aggregation, fixed_length=mask.shape[1])
   loss, metrics = rl.ppo_policy_loss(
@@ -264,14 +284,23 @@ def policy_loss(params, mb: Experience, kl_coef, *, cfg: RLConfig, model_cfg: Tr
   if cfg.entropy_coef:
     loss = loss - cfg.entropy_coef * rl.aggregate_loss(rl.entropy_from_logits(logits), mask, **agg)
   metrics["policy_loss"] = loss
+  if cfg.shared_trunk:
+    vloss, vmetrics = _value_loss(values, mb, cfg)
+    loss = loss + cfg.vf_coef * vloss
+    metrics.update(vmetrics)
   return loss, metrics
+
+
+def _value_loss(values, mb: Experience, cfg: RLConfig):
+  mask = mb.response_mask
+  return rl.value_loss(values, mb.old_values, mb.returns, mask, clip=cfg.value_clip or None,
+                       aggregation=cfg.aggregation, fixed_length=mask.shape[1])
 
 
 def critic_loss(params, mb: Experience, *, cfg: RLConfig, model_cfg: TransformerConfig):
   mask = mb.response_mask
   values = response_values(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask)
-  return rl.value_loss(values, mb.old_values, mb.returns, mask, clip=cfg.value_clip or None,
-                       aggregation=cfg.aggregation, fixed_length=mask.shape[1])
+  return _value_loss(values, mb, cfg)
 
 
 def _accumulate(loss_fn, params, mb: Experience, n_micro: int, units_total, aggregation: str):
@@ -286,11 +315,13 @@ def _accumulate(loss_fn, params, mb: Experience, n_micro: int, units_total, aggr
     (_, metrics), grads = grad_fn(params, m)
     w = _units(m.response_mask, aggregation) / units_total
     acc = jax.tree.map(lambda a, g: a + w * g, acc, grads)
-    return acc, jax.tree.map(lambda x: w * x, metrics)
+    return acc, (jax.tree.map(lambda x: w * x, metrics), metrics)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, metrics = jax.lax.scan(body, zeros, micro)
-  return grads, jax.tree.map(lambda x: x.sum(0), metrics)
+  grads, (weighted, raw) = jax.lax.scan(body, zeros, micro)
+  # unit-weighted sums, except extrema, which are the extremum over micro-batches
+  return grads, {k: raw[k].max(0) if k.endswith("_max") else raw[k].min(0) if k.endswith("_min")
+                 else v.sum(0) for k, v in weighted.items()}
 
 
 def _apply(ts: TrainState, grads, tx):
@@ -306,7 +337,7 @@ def minibatch_grads(state: RLState, mb: Experience, *, cfg: RLConfig, model_cfg:
   pl = lambda p, m: policy_loss(p, m, state.kl.value, cfg=cfg, model_cfg=model_cfg)
   pgrads, metrics = _accumulate(pl, state.policy.params, mb, n_micro, units, cfg.aggregation)
   vgrads = None
-  if cfg.has_critic:
+  if cfg.separate_critic:
     vl = lambda p, m: critic_loss(p, m, cfg=cfg, model_cfg=model_cfg)
     vgrads, vmetrics = _accumulate(vl, state.value.params, mb, n_micro, units, cfg.aggregation)
     metrics.update(vmetrics)
@@ -328,7 +359,7 @@ def rl_update(state: RLState, exp: Experience, rng, *, cfg: RLConfig, model_cfg:
     pgrads, vgrads, metrics = grad_fn(s, mb)
     policy, metrics["policy_grad_norm"] = _apply(s.policy, pgrads, policy_tx)
     value = s.value
-    if cfg.has_critic:
+    if cfg.separate_critic:
       value, metrics["value_grad_norm"] = _apply(s.value, vgrads, value_tx)
     return s.replace(policy=policy, value=value), metrics
 

@@ -21,7 +21,7 @@ from rlhfjax import rl
 from rlhfjax.checkpoint import Checkpointer, abstract_like
 from rlhfjax.config import to_dataclass
 from rlhfjax.data import DataIterator, collate_prompts
-from rlhfjax.models.heads import PolicyModel, ValueModel, transplant_trunk
+from rlhfjax.models.heads import PolicyModel, PolicyValueModel, ValueModel, transplant_trunk
 from rlhfjax.parallel import replicated, shard_batch
 from rlhfjax.sampling import SamplingConfig, generate
 from rlhfjax.train.pipeline import Run, register_stage
@@ -30,6 +30,9 @@ from rlhfjax.train.sft import check_finite
 from rlhfjax.train.state import create_train_state, make_optimizer, state_shardings
 
 log = logging.getLogger("rlhfjax")
+
+
+UPDATE_VARIANTS = ("jit", "shard_map")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,13 @@ class RLLoopConfig:
   # metrics as reward_nan_<name>): "zero" scores it 0; "mask" drops that completion from the loss
   # (its score is replaced by its group's mean so baselines are unaffected); "raise" stops the run.
   nan_reward: str = "zero"
+  # The update's data parallelism: "jit" (GSPMD from the in/out shardings; data + fsdp + tensor) or
+  # "shard_map" (explicit per-device gradients and psum over `data`; meant for a (N, 1, 1) mesh).
+  update: str = "jit"
 
   def __post_init__(self):
+    if self.update not in UPDATE_VARIANTS:
+      raise ValueError(f"rl_loop.update must be one of {UPDATE_VARIANTS}, got {self.update!r}")
     if self.nan_reward not in NAN_REWARD_POLICIES:
       raise ValueError(f"rl_loop.nan_reward must be one of {NAN_REWARD_POLICIES}, "
                        f"got {self.nan_reward!r}")
@@ -111,10 +119,15 @@ def rollout_stats(texts: list[str]) -> dict:
   return {f"think_{k}": v for k, v in thinking_stats(texts).items()}
 
 
+def policy_module(run: Run, cfg: RLConfig):
+  """The policy's module: `PolicyValueModel` (LM + value head on one trunk) with `shared_trunk`."""
+  return PolicyValueModel(run.model_cfg) if cfg.shared_trunk else PolicyModel(run.model_cfg)
+
+
 def rl_state_shardings(run: Run, cfg: RLConfig, policy_tx, value_tx):
-  p_abs, p_sh = state_shardings(PolicyModel(run.model_cfg), policy_tx, run.mesh, run.rules)
+  p_abs, p_sh = state_shardings(policy_module(run, cfg), policy_tx, run.mesh, run.rules)
   v_abs, v_sh = (None, None)
-  if cfg.has_critic:
+  if cfg.separate_critic:
     v_abs, v_sh = state_shardings(ValueModel(run.model_cfg), value_tx, run.mesh, run.rules)
   kl = cfg.kl_controller().init()
   rep = replicated(run.mesh)
@@ -126,11 +139,21 @@ def rl_state_shardings(run: Run, cfg: RLConfig, policy_tx, value_tx):
 
 def init_rl_state(run: Run, cfg: RLConfig, policy_params, value_init_params, policy_tx, value_tx,
                   rng) -> RLState:
-  """Policy from `policy_params` (SFT); critic trunk from `value_init_params` (RM or SFT), head 0."""
-  policy, _ = create_train_state(PolicyModel(run.model_cfg), policy_tx, rng, run.mesh, run.rules,
-                                 params=policy_params)
+  """Policy from `policy_params` (SFT); critic trunk from `value_init_params` (RM or SFT), head 0.
+
+  With `cfg.shared_trunk` the policy carries the value head (zero-initialized) on its own trunk and
+  `value_init_params` is unused.
+  """
+  if cfg.shared_trunk:
+    module = policy_module(run, cfg)
+    fresh, _ = create_train_state(module, policy_tx, rng, run.mesh, run.rules)
+    policy_params = {**policy_params, "value_head": fresh.params["value_head"]}
+    policy, _ = create_train_state(module, policy_tx, rng, run.mesh, run.rules, params=policy_params)
+  else:
+    policy, _ = create_train_state(PolicyModel(run.model_cfg), policy_tx, rng, run.mesh, run.rules,
+                                   params=policy_params)
   value = None
-  if cfg.has_critic:
+  if cfg.separate_critic:
     vmodel = ValueModel(run.model_cfg)
     fresh, _ = create_train_state(vmodel, value_tx, jax.random.fold_in(rng, 1), run.mesh, run.rules)
     vparams = transplant_trunk(fresh.params, value_init_params)
@@ -252,7 +275,11 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
                             eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
   experience_fn = make_experience_fn(cfg, run.model_cfg, run.mesh, run.rules)
-  update_fn = make_rl_update(cfg, run.model_cfg, policy_tx, value_tx, shardings, run.mesh, run.rules)
+  if loop.update == "shard_map":
+    from rlhfjax.train.rl_shard_map import make_rl_update_shard_map as make_update
+  else:
+    make_update = make_rl_update
+  update_fn = make_update(cfg, run.model_cfg, policy_tx, value_tx, shardings, run.mesh, run.rules)
   start = int(state.iteration)
   from rlhfjax.metrics import ProgressBar
   bar = ProgressBar(cfg.iterations, stage, initial=start)
@@ -280,7 +307,7 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
       scores = np.nan_to_num(scores, nan=0.0)
     score_metrics.update(rollout_stats(texts))
     t_score = time.perf_counter()
-    value_params = state.value.params if cfg.has_critic else None
+    value_params = state.value.params if cfg.separate_critic else None
     exp, exp_metrics = experience_fn(state.policy.params, ref_params, value_params, rollout,
                                      jnp.asarray(scores), state.kl.value)
     state, upd_metrics = update_fn(state, exp, jax.random.fold_in(it_rng, 1))

@@ -82,7 +82,7 @@ def local_minibatch_grads(policy_params, value_params, kl_coef, mb: Experience, 
   pgrads, metrics = _accumulate(pl, policy_params, mb, n_micro, units, cfg.aggregation)
   pgrads = jax.tree.map(lambda g: jax.lax.psum(frac * g, axis), pgrads)
   vgrads = None
-  if cfg.has_critic:
+  if cfg.separate_critic:
     vl = lambda p, m: critic_loss(p, m, cfg=cfg, model_cfg=model_cfg)  # noqa: E731
     vgrads, vmetrics = _accumulate(vl, value_params, mb, n_micro, units, cfg.aggregation)
     vgrads = jax.tree.map(lambda g: jax.lax.psum(frac * g, axis), vgrads)
@@ -109,7 +109,7 @@ def shard_map_grad_fn(cfg: RLConfig, model_cfg: TransformerConfig, mesh, axis: s
                           out_specs=(P(), P(), P()), check_vma=False)
 
   def grad_fn(state: RLState, mb: Experience):
-    value_params = state.value.params if cfg.has_critic else None
+    value_params = state.value.params if cfg.separate_critic else None
     return sharded(state.policy.params, value_params, state.kl.value, mb)
   return grad_fn
 
