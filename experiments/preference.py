@@ -1,8 +1,9 @@
 """Simulated human preferences: SFT on arithmetic, then a reward model from 5,000 noisy comparisons.
 
-The labeler (rlhfjax/data/labeler.py) samples responses from the SFT policy, varies them (wrong
-answers, repetition, dropped scratchpads, filler) and labels pairs or K-way rankings with
-Bradley–Terry noise around a hidden gold preference (correct + shows work − repetition − padding).
+The teacher is chatty (filler sentences, repeated answers) and SFT copies it. The labeler
+(rlhfjax/data/labeler.py) samples responses from the SFT policy, varies some (repetition, dropped
+scratchpads, filler) and labels pairs or K-way rankings with Bradley–Terry noise around a hidden gold
+preference (correct + shows work − repetition − padding).
 
     python -m rlhfjax.main --config=experiments/preference.py --workdir=/tmp/pref
     python -m rlhfjax.main --config=experiments/preference.py --workdir=/tmp/pref4 --config.rm.format=rankings
@@ -25,7 +26,7 @@ def rm_config() -> ml_collections.ConfigDict:
   rm.pool = "last"  # per-token rewards -> score: "last" token, "sum" or "mean" over real tokens
   rm.train_file = ""  # JSONL of human comparisons; "" = ask the simulated labeler
   rm.test_file = ""  # held-out JSONL of comparisons (required with train_file)
-  rm.epochs = 1.0  # passes over the comparisons when steps == 0 (InstructGPT: 1, it overfits after)
+  rm.epochs = 2.0  # passes over the comparisons when steps == 0 (InstructGPT: 1 at their data size)
   rm.steps = 0  # optimizer updates; 0 = epochs * records / batch_size
   rm.batch_size = 32  # comparisons (pairs or rankings) per update
   rm.learning_rate = 1e-3  # peak AdamW learning rate
@@ -52,8 +53,13 @@ def labeler_config() -> ml_collections.ConfigDict:
   lab.temperature = 0.5  # Bradley–Terry noise: P(A > B) = sigmoid((gold(A) - gold(B)) / temperature)
   lab.label_budget = 5000  # train comparisons; one K-way ranking costs K(K-1)/2 of them
   lab.test_comparisons = 1000  # held-out pairs (always pairs so formats compare fairly)
-  lab.policy_samples = 2  # SFT-policy samples per prompt in the response pool
-  lab.perturbations = 4  # programmatic variants (wrong answer, repeat, no scratchpad, filler)
+  lab.policy_samples = 3  # SFT-policy samples per prompt in the response pool
+  lab.perturbations = 1  # programmatic variants per prompt (edits drawn from perturbation_kinds)
+  # edits a variant draws 1-2 of: wrong_answer | repeat | drop_thinking | filler. The default leaves
+  # out wrong_answer (final answer changed, scratchpad kept): this reward model cannot check
+  # arithmetic (README: ~55% on pairs that differ only in correctness), so right-vs-wrong comes from
+  # the policy's own mistakes; add it back with --config.labeler.perturbation_kinds=...
+  lab.perturbation_kinds = "repeat,drop_thinking,filler"
   lab.sample_temperature = 1.0  # temperature of the policy samples (and the normalization sample)
   lab.sample_batch_size = 256  # prompts per sampling call
   return lab
@@ -63,6 +69,13 @@ def get_config():
   c = arithmetic.get_config()
   c.unlock()
   c.stages = "sft,rm"  # SFT, then labels from the simulated human, then the reward model
+  # A chatty teacher: most demonstrations pad the answer with filler sentences and/or say it twice
+  # (rlhfjax/data/arithmetic.py). SFT copies the habit; the simulated human dislikes it.
+  c.data.chatter = 0.8
+  c.data.repeat = 0.6
+  c.data.max_response_len = 64  # scratchpad + answer + up to 3 filler sentences and a repeat
+  c.tokenizer.vocab_size = 128  # whole-word pieces for the filler
+  c.sft.steps = 500
   # A narrower, shallower model than arithmetic.py's (~150k vs ~790k trunk parameters) so SFT,
   # 12k policy samples for the labeler and the reward model all fit in ~10 CPU minutes.
   c.model.d_model = 64

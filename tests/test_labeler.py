@@ -82,3 +82,29 @@ def test_plackett_luce_rankings():
   recs = label_pools([Q], ["85"], [[GOOD, "The answer is 85.", "The answer is 86.", GOOD + " Anyway."]],
                      kind="rankings", k=4, temperature=0.0, seed=0)
   assert recs[0]["responses"] == [GOOD, GOOD + " Anyway.", "The answer is 85.", "The answer is 86."]
+
+
+def test_perturbation_kinds_restrict_the_variants():
+  rng = random.Random(0)
+  for _ in range(50):
+    v = labeler.perturbed_variant(GOOD, rng, ("filler", "repeat"))
+    f = gold_features(v, "85")
+    assert f["correct"] == 1.0 and f["shows_work"] == 1.0 and v != GOOD
+  with pytest.raises(ValueError, match="perturbation_kinds"):
+    labeler.LabelerConfig(perturbation_kinds="repeat,typo")
+  assert labeler.LabelerConfig(perturbation_kinds=" repeat , filler").kinds() == ("repeat", "filler")
+
+
+def test_chatty_teacher_demonstrations_lose_gold_for_style_only():
+  from rlhfjax.data import ArithmeticConfig, generate_problems
+  plain = generate_problems(ArithmeticConfig(), 400, seed=3)
+  chatty = generate_problems(ArithmeticConfig(chatter=0.8, repeat=0.6), 400, seed=3)
+  feats = [gold_features(p["demonstration"], p["answer"]) for p in chatty]
+  assert all(f["correct"] == 1.0 and f["shows_work"] == 1.0 for f in feats)
+  repeated = np.mean([f["repeats"] >= 1 for f in feats])
+  padded = np.mean([any(f in p["demonstration"] for f in FILLER) for p in chatty])
+  assert abs(repeated - 0.6) < 0.08 and abs(padded - 0.8) < 0.08
+  assert all(gold_score(p["prompt"], p["demonstration"]) == pytest.approx(2.5) for p in plain)
+  with pytest.raises(ValueError, match="chatter"):
+    ArithmeticConfig(chatter=1.5)
+

@@ -17,6 +17,12 @@ forgets only the carry out of the *leading* column — the new leading digit ("4
 correctly, so the weakness is one systematic class; with `flaw_prob < 1` the right behaviour
 still appears in some demonstrations, which is what lets RL from the SFT policy amplify it.
 
+A teacher can also have *style* habits a person grading answers dislikes: with `chatter > 0` a
+demonstration carries 1–3 filler sentences ("Anyway.", "As you can see.") around the final answer
+with that probability, and with `repeat > 0` it says the final answer twice. SFT copies these habits
+along with the arithmetic; the simulated human (`rlhfjax.data.labeler`) prefers concise answers, so
+RLHF against a reward model learned from its comparisons has something real to remove.
+
 Splits are disjoint by construction: each distinct question is assigned to "train" or "test" by a
 stable hash of its text, so no test question appears in train for any seed or size.
 """
@@ -32,6 +38,11 @@ from typing import Iterable, Literal
 SPLITS = ("train", "test")
 _ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
 FLAWS = ("none", "drop_carry", "drop_final_carry")
+# Chatter made only of characters the arithmetic tokenizer knows (no unk pieces); sentences end in
+# "." or "?" so the labeler's sentence splitter sees them as sentences.
+FILLER = ("Anyway.", "As you can see.", "That is a nice one.", "To answer this.",
+          "This is a true answer.", "Trust it.", "Where to start?", "one can see this.",
+          "that is it.", "sure.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +57,8 @@ class ArithmeticConfig:
   flaw: Literal["none", "drop_carry", "drop_final_carry"] = "none"
   flaw_prob: float = 1.0  # probability the flawed teacher forgets each carry of its class
   test_fraction: float = 0.1  # share of the question space hashed into the test split
+  chatter: float = 0.0  # probability a demonstration pads its answer with 1-3 FILLER sentences
+  repeat: float = 0.0  # probability a demonstration states its final answer twice
 
   def __post_init__(self):
     if not self.ops or any(op not in ("+", "-", "*") for op in self.ops):
@@ -56,6 +69,9 @@ class ArithmeticConfig:
       raise ValueError(f"flaw must be one of {FLAWS}, got {self.flaw!r}")
     if not 0.0 <= self.flaw_prob <= 1.0:
       raise ValueError(f"flaw_prob must be in [0, 1], got {self.flaw_prob}")
+    for name in ("chatter", "repeat"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
     if not 0.0 < self.test_fraction < 1.0:
       raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
 
@@ -201,9 +217,22 @@ def make_problem(a: int, op: str, b: int, config: ArithmeticConfig,
     drop = lambda: False  # noqa: E731
   value, steps, _ = _solve(a, op, b, drop, final_only=config.flaw == "drop_final_carry")
   demo = f"The answer is {value}."
+  if config.chatter > 0 or config.repeat > 0:
+    demo = chatty(demo, config, rng or random.Random(0))
   if config.thinking:
     demo = f"<thinking> {' '.join(steps)} </thinking> {demo}"
   return {"prompt": question, "answer": str(gold), "demonstration": demo, "has_carry": has_carry}
+
+
+def chatty(answer: str, config: ArithmeticConfig, rng: random.Random) -> str:
+  """The teacher's style habits around its answer sentence (module docstring)."""
+  out = [answer]
+  if rng.random() < config.repeat:
+    out.append(answer)
+  if rng.random() < config.chatter:
+    for phrase in rng.sample(FILLER, rng.randint(1, 3)):
+      out.insert(rng.randint(0, len(out)), phrase)
+  return " ".join(out)
 
 
 def generate_problems(config: ArithmeticConfig, n: int, seed: int, split: str = "train") -> list[dict]:

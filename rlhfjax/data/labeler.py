@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhfjax.data.arithmetic import FILLER
 from rlhfjax.data.preferences import make_pair, make_ranking
 
 log = logging.getLogger("rlhfjax")
@@ -51,10 +52,6 @@ _ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
 _QUESTION_RE = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?")
 _SENTENCE_RE = re.compile(r"[^.?!]+[.?!]?")
 
-# Chatter made only of characters the arithmetic tokenizer knows (no unk pieces).
-FILLER = ("Anyway.", "As you can see.", "That is a nice one.", "To answer this.",
-          "This is a true answer.", "Trust it.", "Where to start?", "one can see this.",
-          "that is it.", "sure.")
 PERTURBATIONS = ("wrong_answer", "repeat", "drop_thinking", "filler")
 
 
@@ -82,6 +79,17 @@ class LabelerConfig:
   perturbations: int = 4  # programmatic variants per prompt in the pool
   sample_temperature: float = 1.0  # sampling temperature of the policy samples
   sample_batch_size: int = 256  # prompts per sampling call
+  perturbation_kinds: str = ",".join(PERTURBATIONS)  # comma-separated edits the variants draw from
+
+  def __post_init__(self):
+    self.kinds()  # a bad perturbation list is an error at config time, not mid-labeling
+
+  def kinds(self) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in self.perturbation_kinds.split(",") if k.strip())
+    bad = [k for k in kinds if k not in PERTURBATIONS]
+    if bad or (self.perturbations and not kinds):
+      raise ValueError(f"labeler.perturbation_kinds: unknown {bad or 'empty'}; valid: {PERTURBATIONS}")
+    return kinds
 
 
 def split_response(response: str) -> tuple[str | None, str]:
@@ -180,8 +188,10 @@ def perturb(response: str, kind: str, rng: random.Random) -> str:
   raise ValueError(f"unknown perturbation {kind!r}; valid: {PERTURBATIONS}")
 
 
-def perturbed_variant(base: str, rng: random.Random) -> str:
-  kinds = rng.sample(PERTURBATIONS, rng.randint(1, 2))
+def perturbed_variant(base: str, rng: random.Random,
+                      allowed: Sequence[str] = PERTURBATIONS) -> str:
+  """`base` with one or two distinct edits drawn from `allowed`."""
+  kinds = rng.sample(list(allowed), rng.randint(1, min(2, len(allowed))))
   if "wrong_answer" in kinds and "drop_thinking" in kinds:
     kinds.remove("drop_thinking")
   out = base
@@ -190,12 +200,13 @@ def perturbed_variant(base: str, rng: random.Random) -> str:
   return out
 
 
-def response_pool(samples: Sequence[str], n_perturbed: int, rng: random.Random) -> list[str]:
-  """Distinct responses: the policy samples plus `n_perturbed` variants of them."""
+def response_pool(samples: Sequence[str], n_perturbed: int, rng: random.Random,
+                  kinds: Sequence[str] = PERTURBATIONS) -> list[str]:
+  """Distinct responses: the policy samples plus `n_perturbed` variants of them (edits from `kinds`)."""
   pool = list(dict.fromkeys(s for s in samples if s.strip()))
   bases = list(pool) or ["The answer is 0."]
   for _ in range(n_perturbed):
-    pool.append(perturbed_variant(rng.choice(bases), rng))
+    pool.append(perturbed_variant(rng.choice(bases), rng, kinds))
   return list(dict.fromkeys(p for p in pool if p.strip()))
 
 
@@ -289,7 +300,7 @@ def simulate_labels(params, model_cfg, tokenizer, examples: Sequence[dict], *, n
   import jax
   rng = random.Random(f"rlhfjax-labeler/{seed}")
   # a few spare prompts: those whose pool is too small (too few distinct responses that fit) are skipped
-  picks = [examples[rng.randrange(len(examples))] for _ in range(n_records + n_records // 2 + 8)]
+  picks = [examples[rng.randrange(len(examples))] for _ in range(n_records + n_records // 10 + 8)]
   prompts = [e["prompt"] for e in picks]
   answers = [str(e["answer"]) for e in picks]
   samples = sample_policy(params, model_cfg, tokenizer, prompts, n=config.policy_samples,
@@ -297,7 +308,8 @@ def simulate_labels(params, model_cfg, tokenizer, examples: Sequence[dict], *, n
                           temperature=config.sample_temperature, batch_size=config.sample_batch_size,
                           rng=jax.random.key(seed))
   fits = lambda r: len(tokenizer.encode(r)) + 1 <= max_response_len  # noqa: E731
-  pools = [[r for r in response_pool(s, config.perturbations, rng) if fits(r)] for s in samples]
+  kinds = config.kinds()
+  pools = [[r for r in response_pool(s, config.perturbations, rng, kinds) if fits(r)] for s in samples]
   out = label_pools(prompts, answers, pools, kind=kind, k=k, temperature=config.temperature,
                     seed=seed, n_records=n_records)
   if len(out) < n_records:

@@ -60,7 +60,8 @@ def register_stage(name: str):
 def arithmetic_config(data: ml_collections.ConfigDict):
   from rlhfjax.data import ArithmeticConfig
   return ArithmeticConfig(ops=tuple(data.ops), min_digits=data.min_digits, max_digits=data.max_digits,
-                          thinking=data.thinking, flaw=data.flaw, flaw_prob=data.flaw_prob)
+                          thinking=data.thinking, flaw=data.flaw, flaw_prob=data.flaw_prob,
+                          chatter=data.get("chatter", 0.0), repeat=data.get("repeat", 0.0))
 
 
 def load_data(config, workdir):
