@@ -72,9 +72,43 @@ def summarize_rl(r: dict) -> list[str]:
   return lines
 
 
+def summarize_rm(r: dict) -> list[str]:
+  """Held-out agreement of the reward model with the noisy labels and the noiseless gold preference."""
+  lines = [f"Reward model ({r.get('train_records', '?')} {r.get('format', 'pairs')} from the simulated "
+           f"human, {r.get('steps', '?')} steps)"]
+  rows = [("", "before", "after"),
+          ("held-out pairs: agrees with the labels", _pct(r.get("before_accuracy")),
+           _pct(r.get("after_accuracy"))),
+          ("held-out pairs: agrees with gold (noiseless)", _pct(r.get("before_gold_accuracy")),
+           _pct(r.get("after_gold_accuracy")))]
+  w = max(len(a) for a, _, _ in rows)
+  lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
+  if r.get("after_labeler_gold_agreement") is not None:
+    lines.append(f"  (the noisy labeler itself agrees with gold on "
+                 f"{_pct(r['after_labeler_gold_agreement']).strip()} of those pairs)")
+  return lines
+
+
+def summarize_ppo(r: dict) -> list[str]:
+  """Gold (simulated human) and proxy (reward model) scores before and after PPO, and the KL."""
+  lines = [f"PPO against the reward model ({r.get('iterations', '?')} iterations)"]
+  rows = [("", "before", "after"),
+          ("gold score (simulated human)", _num(r.get("before_gold_mean")), _num(r.get("after_gold_mean"))),
+          ("proxy score (reward model)", _num(r.get("before_proxy_mean")), _num(r.get("after_proxy_mean")))]
+  w = max(len(a) for a, _, _ in rows)
+  lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
+  if r.get("gold_gain_in_sft_std") is not None:
+    lines.append(f"  gold gain: {r['gold_gain_in_sft_std']:+.2f} SFT standard deviations")
+  if r.get("kl_seq_mean") is not None:
+    lines.append(f"  final KL(policy || SFT): {r['kl_seq_mean']:.2f} nats (target {r.get('kl_target')})")
+  return lines
+
+
 SUMMARIES: dict[str, SummaryFn] = {
     "sft": summarize_sft,
+    "rm": summarize_rm,
     "rl": summarize_rl,
+    "ppo": summarize_ppo,
 }
 STAGES = list(SUMMARIES)  # stages the demo knows how to summarize, in pipeline order
 
@@ -140,6 +174,9 @@ def load_config(path: str = DEFAULT_CONFIG):
 
 def summary(results: dict, workdir: str, wall_s: float) -> str:
   lines = ["", "=" * 60, "rlhfjax demo: arithmetic (2-digit addition with a scratchpad)", "=" * 60]
+  if "rm" in results:
+    lines.append("task: the simulated human prefers correct answers that show their work and dislikes "
+                 "padding and repetition (rlhfjax/data/labeler.py)")
   if "rl" in results and results["rl"].get("teacher_accuracy") is not None:
     lines.append(f"the teacher's own held-out accuracy: {_pct(results['rl']['teacher_accuracy'])}")
   for stage, r in results.items():

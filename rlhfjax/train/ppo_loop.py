@@ -21,12 +21,12 @@ proxy `reward_mean` and `kl_seq_mean`), a held-out gold/proxy evaluation before 
 (`gold_mean`, `gold_std`, `proxy_mean`), a samples table with both scores, and the curve
 `plots/ppo_curves.png` (proxy, gold, KL with the controller's target).
 
-Not built yet: the shared-trunk option (one trunk, LM + value heads, one optimizer, loss
-`pg + vf_coef * value`). The plan: a `PolicyValueModel` whose params are PolicyModel's plus
-`head_kernel`/`head_bias` (so the sampler and reference keep using `PolicyModel` on them),
-`RLConfig.shared_trunk` making `make_experience` and `policy_loss` read values from the same forward
-and `RLState.value = None`, and `rl_loop.init_rl_state`/`rl_state_shardings` building the joint
-state. Policy and critic are separate parameter trees today (the InstructGPT default).
+Actor-critic layout: separate policy and critic parameter trees by default (InstructGPT /
+lm-human-preferences; the critic starts from the reward model). With `config.rl.shared_trunk = True`
+one trunk carries the LM head and a zero-initialized value head (`PolicyValueModel`), one optimizer
+minimizes `policy loss + rl.vf_coef * value loss` from a single forward, and `ppo.value_init` is
+unused. `config.rl_loop.update = "shard_map"` swaps the GSPMD update for the explicit data-parallel
+`shard_map` one (`rlhfjax/train/rl_shard_map.py`); both give the same result.
 """
 
 from __future__ import annotations
@@ -57,15 +57,16 @@ class PPOStageConfig:
 
 
 def _rm_setup(run: Run):
-  """(rm params, ensemble?, uncertainty coefficient) of the `rm` stage of this run."""
+  """(rm params, ensemble?, uncertainty coefficient, pool) of the `rm` stage of this run."""
   rm_params = stage_params(run, "rm")
   rm_section = get_field(run.config, "rm")
   size = int(rm_section.ensemble_size) if rm_section is not None else 1
   coef = float(rm_section.uncertainty_coef) if rm_section is not None else 1.0
-  return rm_params, size > 1, coef
+  pool = str(rm_section.pool) if rm_section is not None else "last"
+  return rm_params, size > 1, coef, pool
 
 
-def rm_scorer(run: Run, rm_params, *, ensemble: bool, uncertainty_coef: float):
+def rm_scorer(run: Run, rm_params, *, ensemble: bool, uncertainty_coef: float, pool: str = "last"):
   """A `Scorer` for `run_rl_loop`: the reward model on the device rollout (prompt | response),
   plus the simulated human's gold score of the decoded texts as metrics."""
   from rlhfjax.data.labeler import gold_scores
@@ -77,9 +78,9 @@ def rm_scorer(run: Run, rm_params, *, ensemble: bool, uncertainty_coef: float):
     mask = jnp.concatenate([rollout["prompt_mask"].astype(jnp.int32),
                             rollout["response_mask"].astype(jnp.int32)], axis=1)
     if ensemble:
-      out = ensemble_score(params, tokens, mask, uncertainty_coef, model_cfg=run.model_cfg)
+      out = ensemble_score(params, tokens, mask, uncertainty_coef, model_cfg=run.model_cfg, pool=pool)
       return out["penalized"], {"rm_mean": out["mean"].mean(), "rm_std": out["std"].mean()}
-    return score(params, tokens, mask, model_cfg=run.model_cfg), {}
+    return score(params, tokens, mask, model_cfg=run.model_cfg, pool=pool), {}
 
   def scorer(texts, examples, rollout):
     scores, extra = device_score(rm_params, {k: rollout[k] for k in
@@ -93,7 +94,7 @@ def rm_scorer(run: Run, rm_params, *, ensemble: bool, uncertainty_coef: float):
 
 
 def gold_eval(run: Run, rm_params, cfg: RLConfig, stage_cfg: PPOStageConfig, *, ensemble: bool,
-              uncertainty_coef: float):
+              uncertainty_coef: float, pool: str = "last"):
   """`extra_eval(params) -> dict`: one sample per held-out prompt at the RL temperature, scored by
   the simulated human (gold) and the reward model (proxy). Also keeps the last rows for a table."""
   from rlhfjax.data.labeler import gold_scores
@@ -120,7 +121,7 @@ def gold_eval(run: Run, rm_params, cfg: RLConfig, stage_cfg: PPOStageConfig, *, 
     tokens, mask = encode_sequences(run.tokenizer, prompts, texts, d.max_prompt_len,
                                     d.max_response_len)
     proxy = score_batched(rm_params, tokens, mask, run.model_cfg, ensemble=ensemble,
-                          batch_size=run.config.eval.batch_size)
+                          batch_size=run.config.eval.batch_size, pool=pool)
     out = {"gold_mean": float(gold.mean()), "gold_std": float(gold.std())}
     if ensemble:
       out["proxy_std"] = float(proxy.std(0).mean())
@@ -181,13 +182,14 @@ def run_ppo(run: Run) -> dict:
   if stage_cfg.value_init not in ("rm", "sft"):
     raise ValueError(f"config.ppo.value_init must be 'rm' or 'sft', got {stage_cfg.value_init!r}")
   sft = stage_params(run, "sft")
-  rm_params, ensemble, coef = _rm_setup(run)
+  rm_params, ensemble, coef, pool = _rm_setup(run)
   value_init = sft
-  if stage_cfg.value_init == "rm":
+  if stage_cfg.value_init == "rm" and not cfg.shared_trunk:
     value_init = jax.tree.map(lambda x: x[0], rm_params) if ensemble else rm_params  # member 0
-  evaluate = gold_eval(run, rm_params, cfg, stage_cfg, ensemble=ensemble, uncertainty_coef=coef)
+  evaluate = gold_eval(run, rm_params, cfg, stage_cfg, ensemble=ensemble, uncertainty_coef=coef,
+                       pool=pool)
   result = run_rl_loop(run, "ppo", cfg, loop, rm_scorer(run, rm_params, ensemble=ensemble,
-                                                        uncertainty_coef=coef),
+                                                        uncertainty_coef=coef, pool=pool),
                        policy_init=sft, ref_params=sft, value_init=value_init, extra_eval=evaluate)
   tables = evaluate.tables
   if tables:
@@ -197,8 +199,15 @@ def run_ppo(run: Run) -> dict:
     result["gold_gain"] = gain
     result["gold_gain_in_sft_std"] = gain / max(result["before_gold_std"], 1e-8)
   result["kl_target"] = cfg.kl_target if cfg.adaptive_kl else None
+  from rlhfjax.metrics import read_metrics
+  run.writer.flush()
+  kls = [r["kl_seq_mean"] for r in read_metrics(run.workdir) if r.get("stage") == "ppo"
+         and "kl_seq_mean" in r]
+  if kls:  # KL(policy || reference) of the last tenth of the iterations' rollouts
+    result["kl_seq_mean"] = float(np.mean(kls[-max(1, len(kls) // 10):]))
   result["ensemble_size"] = int(get_field(run.config, "rm").ensemble_size) if ensemble else 1
-  result["value_init"] = stage_cfg.value_init
+  result["value_init"] = "shared_trunk" if cfg.shared_trunk else stage_cfg.value_init
+  result["update"] = loop.update
   run.writer.flush()
   plot_ppo_curves(run.workdir, "ppo", cfg.kl_target if cfg.adaptive_kl else None)
   return result
