@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# 1) SFT on a flawed teacher, then GRPO with the math verifier past it;
+# 2) SFT on a chatty teacher -> 5,000 simulated human comparisons -> reward model (accuracy printed).
 demo: $(STAMP)
-	$(BIN)/python -m rlhfjax.demo --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}
+	$(BIN)/python -m rlhfjax.demo --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}/verifier
+	$(BIN)/python -m rlhfjax.demo --config=experiments/preference.py --stages=sft,rm \
+	  --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}/preference
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist load tests

@@ -45,14 +45,16 @@ def get_config():
   r.group_size = 1  # one response per prompt (PPO needs no group baseline)
   r.epochs = 4  # PPO epochs over each batch (InstructGPT: 4)
   r.minibatch_size = 32  # responses per optimizer step -> 8 policy/critic steps per iteration
-  r.learning_rate = 2e-4  # policy AdamW lr
+  r.learning_rate = 1e-4  # policy AdamW lr
   r.value_learning_rate = 1e-3  # critic AdamW lr
   r.warmup_steps = 8  # optimizer warmup steps
   r.lam = 0.95  # GAE lambda
-  r.kl_coef = 0.05  # initial beta of the adaptive controller
+  r.kl_coef = 0.1  # initial beta of the adaptive controller
   r.adaptive_kl = True  # Ziegler et al. 2019 proportional controller
-  r.kl_target = 6.0  # target KL(policy || reference), nats per response
-  r.kl_horizon = 256.0  # controller horizon in samples: beta moves up to 5% per iteration of 64
+  # the KL budget: removing the teacher's chatter costs ~2.5 nats (-log P(no filler, no repeat) under
+  # the SFT policy); a looser budget lets PPO drift where the reward model cannot see (arithmetic)
+  r.kl_target = 3.0  # target KL(policy || reference), nats per response
+  r.kl_horizon = 128.0  # controller horizon in samples: beta moves up to 10% per iteration of 64
   r.temperature = 1.0  # sampling temperature of rollouts and of the gold eval (= the labeled samples)
   r.missing_eos_penalty = -1.0  # responses that never stop score 1 lower
   c.rl_loop.eval_every = 10  # held-out gold/proxy (+ accuracy) eval every N iterations

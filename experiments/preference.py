@@ -55,11 +55,11 @@ def labeler_config() -> ml_collections.ConfigDict:
   lab.test_comparisons = 1000  # held-out pairs (always pairs so formats compare fairly)
   lab.policy_samples = 3  # SFT-policy samples per prompt in the response pool
   lab.perturbations = 1  # programmatic variants per prompt (edits drawn from perturbation_kinds)
-  # edits a variant draws 1-2 of: wrong_answer | repeat | drop_thinking | filler. The default leaves
+  # edits a variant draws 1-2 of: wrong_answer | repeat | drop_thinking | filler | no_answer. The default leaves
   # out wrong_answer (final answer changed, scratchpad kept): this reward model cannot check
   # arithmetic (README: ~55% on pairs that differ only in correctness), so right-vs-wrong comes from
   # the policy's own mistakes; add it back with --config.labeler.perturbation_kinds=...
-  lab.perturbation_kinds = "repeat,drop_thinking,filler"
+  lab.perturbation_kinds = "repeat,drop_thinking,filler,no_answer"
   lab.sample_temperature = 1.0  # temperature of the policy samples (and the normalization sample)
   lab.sample_batch_size = 256  # prompts per sampling call
   return lab

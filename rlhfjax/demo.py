@@ -81,6 +81,12 @@ def summarize_rm(r: dict) -> list[str]:
            _pct(r.get("after_accuracy"))),
           ("held-out pairs: agrees with gold (noiseless)", _pct(r.get("before_gold_accuracy")),
            _pct(r.get("after_gold_accuracy")))]
+  for split, name in (("style", "work shown / repetition / padding"),
+                      ("correctness", "right vs wrong answer")):
+    if r.get(f"after_gold_pairs_{split}"):
+      rows.append((f"  pairs differing in {name} ({r[f'after_gold_pairs_{split}']})",
+                   _pct(r.get(f"before_gold_accuracy_{split}")),
+                   _pct(r.get(f"after_gold_accuracy_{split}"))))
   w = max(len(a) for a, _, _ in rows)
   lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
   if r.get("after_labeler_gold_agreement") is not None:
@@ -210,7 +216,7 @@ def main(argv=None) -> dict:
 
   from rlhfjax.train.pipeline import train_and_evaluate
   print(f"rlhfjax demo: stages={config.stages} workdir={args.workdir} (a fresh run builds the data set "
-        "and tokenizer, then trains; ~6 minutes on 2 CPU cores)", flush=True)
+        "and tokenizer, then trains; minutes on 2 CPU cores)", flush=True)
   t0 = time.perf_counter()
   try:
     results = train_and_evaluate(config, args.workdir)

@@ -42,6 +42,12 @@ def test_perturbations_move_gold_the_right_way():
   assert perturb(GOOD, "drop_thinking", rng) == "The answer is 85."
   f = perturb(GOOD, "filler", rng)
   assert f.startswith("<thinking>") and "The answer is 85." in f and gold_score(Q, f) < g
+  cut = perturb(GOOD + " Anyway.", "no_answer", rng)
+  assert cut == "<thinking> 7+8=15 carry 1. 4+3+1=8. </thinking> Anyway." and gold_score(Q, cut) == 0.0
+  for _ in range(20):  # no_answer is applied alone (or after filler): nothing left to repeat/change
+    v = labeler.perturbed_variant(GOOD, rng, ("no_answer", "repeat", "wrong_answer"))
+    if "The answer is" not in v:
+      assert v.startswith("<thinking>") and gold_score(Q, v) == 0.0
   pool = response_pool([GOOD, GOOD], 6, random.Random(1))
   assert pool[0] == GOOD and len(pool) == len(set(pool)) >= 3
 

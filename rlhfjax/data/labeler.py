@@ -19,7 +19,8 @@ variations of it, so every term of the gold function is exercised:
   * `perturbations` variants, each a policy sample with one or two edits: `wrong_answer` (the
     final answer changed by ±1, ±10 or a random offset, the scratchpad left as it was), `repeat`
     ("The answer is 85. The answer is 85."), `drop_thinking` (the scratchpad removed), `filler`
-    (chatter such as "Anyway." or "As you can see." around the answer). `wrong_answer` is never
+    (chatter such as "Anyway." or "As you can see." around the answer), `no_answer` (the response
+    stops without stating an answer, as a truncated or evasive one does). `wrong_answer` is never
     combined with `drop_thinking`, so correctness stays checkable from the response's own work.
 
 Labels follow Bradley–Terry on the gold utilities at temperature `τ`:
@@ -52,7 +53,7 @@ _ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
 _QUESTION_RE = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?")
 _SENTENCE_RE = re.compile(r"[^.?!]+[.?!]?")
 
-PERTURBATIONS = ("wrong_answer", "repeat", "drop_thinking", "filler")
+PERTURBATIONS = ("wrong_answer", "repeat", "drop_thinking", "filler", "no_answer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,11 @@ def perturb(response: str, kind: str, rng: random.Random) -> str:
     head, tail = response[:k], response[k:].strip()
     parts = [head.strip()] + before + [tail] + after
     return " ".join(p for p in parts if p)
+  if kind == "no_answer":  # stops without stating the answer (e.g. cut off after the scratchpad)
+    work, _ = split_response(response)
+    k = response.find(THINK_CLOSE) + len(THINK_CLOSE) if work is not None else 0
+    tail = _ANSWER_RE.sub("", response[k:])
+    return " ".join((response[:k] + " " + tail).split())
   raise ValueError(f"unknown perturbation {kind!r}; valid: {PERTURBATIONS}")
 
 
@@ -194,6 +200,8 @@ def perturbed_variant(base: str, rng: random.Random,
   kinds = rng.sample(list(allowed), rng.randint(1, min(2, len(allowed))))
   if "wrong_answer" in kinds and "drop_thinking" in kinds:
     kinds.remove("drop_thinking")
+  if "no_answer" in kinds:  # alone, or after filler: there is no answer left to repeat or change
+    kinds = [k for k in kinds if k == "filler"] + ["no_answer"]
   out = base
   for k in kinds:
     out = perturb(out, k, rng)
