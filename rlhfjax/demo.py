@@ -82,7 +82,7 @@ def summarize_rm(r: dict) -> list[str]:
           ("held-out pairs: agrees with gold (noiseless)", _pct(r.get("before_gold_accuracy")),
            _pct(r.get("after_gold_accuracy")))]
   for split, name in (("style", "work shown / repetition / padding"),
-                      ("correctness", "right vs wrong answer")):
+                      ("no_answer", "answer given vs not"), ("correctness", "right vs wrong answer")):
     if r.get(f"after_gold_pairs_{split}"):
       rows.append((f"  pairs differing in {name} ({r[f'after_gold_pairs_{split}']})",
                    _pct(r.get(f"before_gold_accuracy_{split}")),

@@ -44,8 +44,8 @@ def test_sft_then_rm_pairs_and_ranking_ensemble(tmp_path):
     assert 0.0 <= res[k] <= 1.0, k
   assert res["norm_ref_mean"] == pytest.approx(0.0, abs=1e-4)
   assert res["norm_ref_std"] == pytest.approx(1.0, abs=1e-4)
-  # gold agreement split into pairs that differ in correctness and pairs that differ only in style
-  splits = [s for s in ("correctness", "style") if f"after_gold_pairs_{s}" in res]
+  # gold agreement split by what separates a pair: no answer / right vs wrong / style only
+  splits = [s for s in ("no_answer", "correctness", "style") if f"after_gold_pairs_{s}" in res]
   assert splits and sum(res[f"after_gold_pairs_{s}"] for s in splits) == res["after_gold_pairs"]
   assert sum(res[f"after_gold_accuracy_{s}"] * res[f"after_gold_pairs_{s}"] for s in splits) == \
       pytest.approx(res["after_gold_accuracy"] * res["after_gold_pairs"])

@@ -49,7 +49,7 @@ from rlhfjax.data.preferences import make_pair, make_ranking
 log = logging.getLogger("rlhfjax")
 
 THINK_OPEN, THINK_CLOSE = "<thinking>", "</thinking>"
-_ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
+ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")  # a stated final answer
 _QUESTION_RE = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?")
 _SENTENCE_RE = re.compile(r"[^.?!]+[.?!]?")
 
@@ -114,7 +114,7 @@ def answer_from_prompt(prompt: str) -> str | None:
 def gold_features(response: str, answer: str) -> dict:
   """The terms of the gold preference for one response (see the module docstring)."""
   work, rest = split_response(response)
-  stated = _ANSWER_RE.findall(response)
+  stated = ANSWER_RE.findall(response)
   last = stated[-1] if stated else None
   shows_work = work is not None and bool(work.strip()) and last is not None and \
       response.rfind(f"The answer is {last}.") > response.find(THINK_CLOSE)
@@ -163,7 +163,7 @@ _register()
 
 def perturb(response: str, kind: str, rng: random.Random) -> str:
   """One programmatic edit of a response (`PERTURBATIONS`)."""
-  stated = _ANSWER_RE.findall(response)
+  stated = ANSWER_RE.findall(response)
   if kind == "wrong_answer":
     if not stated:
       return response
@@ -189,7 +189,7 @@ def perturb(response: str, kind: str, rng: random.Random) -> str:
   if kind == "no_answer":  # stops without stating the answer (e.g. cut off after the scratchpad)
     work, _ = split_response(response)
     k = response.find(THINK_CLOSE) + len(THINK_CLOSE) if work is not None else 0
-    tail = _ANSWER_RE.sub("", response[k:])
+    tail = ANSWER_RE.sub("", response[k:])
     return " ".join((response[:k] + " " + tail).split())
   raise ValueError(f"unknown perturbation {kind!r}; valid: {PERTURBATIONS}")
 

@@ -30,8 +30,8 @@ import numpy as np
 from rlhfjax.checkpoint import Checkpointer, abstract_like
 from rlhfjax.config import get_field, to_dataclass
 from rlhfjax.data import DataIterator
-from rlhfjax.data.labeler import (LabelerConfig, answer_from_prompt, gold_features, gold_score,
-                                  simulate_labels)
+from rlhfjax.data.labeler import (ANSWER_RE, LabelerConfig, answer_from_prompt, gold_features,
+                                  gold_score, simulate_labels)
 from rlhfjax.data.preferences import (SkipReport, collate_preferences, load_preferences,
                                       read_preferences_jsonl, responses_of, write_jsonl)
 from rlhfjax.models.heads import PolicyModel
@@ -172,11 +172,14 @@ def evaluate_rm(params, records, run: Run, cfg: RMConfig, *, ensemble: bool, gol
     out["gold_accuracy"] = float(np.mean(np.sign(diff[untied]) == np.sign(gd[untied])))
     out["gold_pairs"] = int(untied.sum())
     out["labeler_gold_agreement"] = float(np.mean(gd[untied] > 0))
-    # split by whether the two responses differ in correctness (the RM must check the arithmetic)
-    # or only in style (work shown, repetition, padding)
+    # split by what separates the two responses: one states no answer at all; both answer and only
+    # one is right (the RM must check the arithmetic); or only style (work shown, repetition, padding)
     right = np.asarray([gold_features(x, a or answer_from_prompt(p) or "")["correct"]
                         for p, x, a in zip(prompts, resps, answers)])
-    for name, sel in (("correctness", right[ii] != right[jj]), ("style", right[ii] == right[jj])):
+    answered = np.asarray([bool(ANSWER_RE.search(x)) for x in resps])
+    no_answer = answered[ii] != answered[jj]
+    wrong = ~no_answer & (right[ii] != right[jj])
+    for name, sel in (("no_answer", no_answer), ("correctness", wrong), ("style", ~no_answer & ~wrong)):
       sel = sel & untied
       if sel.any():
         out[f"gold_accuracy_{name}"] = float(np.mean(np.sign(diff[sel]) == np.sign(gd[sel])))
