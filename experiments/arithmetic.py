@@ -71,7 +71,7 @@ def rl_config(c):
   c.rl_loop.checkpoint_every = 10  # save every N iterations
   c.rl_loop.keep_checkpoints = 2  # checkpoints kept
   c.rl_loop.nan_reward = "zero"  # unscorable (NaN) reward: zero | mask (drop from the loss) | raise
-  c.rl_loop.update = "jit"  # update parallelism: jit (GSPMD, data+fsdp+tensor) | shard_map (explicit psum over data)
+  c.rl_loop.update_variant = "jit"  # update parallelism: jit (GSPMD, data+fsdp+tensor) | shard_map (explicit psum over data)
 
 
 def get_config():

@@ -82,11 +82,11 @@ def test_ppo_stage_and_kill9_resume_is_exact(tmp_path):
 
   # the shared-trunk actor-critic under the explicit shard_map update, data-parallel over 2 devices
   shared = tmp_path / "shared"
-  cmd, env = _cli(shared, "--config.rl.shared_trunk=True", "--config.rl_loop.update=shard_map",
+  cmd, env = _cli(shared, "--config.rl.shared_trunk=True", "--config.rl_loop.update_variant=shard_map",
                   "--config.rl.iterations=2", devices=2)
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
   res = json.load(open(shared / "results.json"))["ppo"]
-  assert res["value_init"] == "shared_trunk" and res["update"] == "shard_map"
+  assert res["value_init"] == "shared_trunk" and res["update_variant"] == "shard_map"
   ppo = [json.loads(l) for l in open(shared / "metrics.jsonl")]
   ppo = [r for r in ppo if r["stage"] == "ppo"]
   assert [r["step"] for r in ppo] == [1, 2]

@@ -25,6 +25,7 @@ def _config(**rm):
   c.labeler.test_comparisons = 24
   c.labeler.sample_batch_size = 64
   c.rm.batch_size = 8
+  c.rm.epochs = 1.0  # 6 steps over the 48 pairs
   c.rm.norm_samples = 16
   c.rm.eval_batch_size = 32
   c.rm.log_every = 2

@@ -25,7 +25,7 @@ Actor-critic layout: separate policy and critic parameter trees by default (Inst
 lm-human-preferences; the critic starts from the reward model). With `config.rl.shared_trunk = True`
 one trunk carries the LM head and a zero-initialized value head (`PolicyValueModel`), one optimizer
 minimizes `policy loss + rl.vf_coef * value loss` from a single forward, and `ppo.value_init` is
-unused. `config.rl_loop.update = "shard_map"` swaps the GSPMD update for the explicit data-parallel
+unused. `config.rl_loop.update_variant = "shard_map"` swaps the GSPMD update for the explicit data-parallel
 `shard_map` one (`rlhfjax/train/rl_shard_map.py`); both give the same result.
 """
 
@@ -207,7 +207,7 @@ def run_ppo(run: Run) -> dict:
     result["kl_seq_mean"] = float(np.mean(kls[-max(1, len(kls) // 10):]))
   result["ensemble_size"] = int(get_field(run.config, "rm").ensemble_size) if ensemble else 1
   result["value_init"] = "shared_trunk" if cfg.shared_trunk else stage_cfg.value_init
-  result["update"] = loop.update
+  result["update_variant"] = loop.update_variant
   run.writer.flush()
   plot_ppo_curves(run.workdir, "ppo", cfg.kl_target if cfg.adaptive_kl else None)
   return result

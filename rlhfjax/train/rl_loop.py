@@ -49,11 +49,12 @@ class RLLoopConfig:
   nan_reward: str = "zero"
   # The update's data parallelism: "jit" (GSPMD from the in/out shardings; data + fsdp + tensor) or
   # "shard_map" (explicit per-device gradients and psum over `data`; meant for a (N, 1, 1) mesh).
-  update: str = "jit"
+  update_variant: str = "jit"
 
   def __post_init__(self):
-    if self.update not in UPDATE_VARIANTS:
-      raise ValueError(f"rl_loop.update must be one of {UPDATE_VARIANTS}, got {self.update!r}")
+    if self.update_variant not in UPDATE_VARIANTS:
+      raise ValueError(f"rl_loop.update_variant must be one of {UPDATE_VARIANTS}, "
+                       f"got {self.update_variant!r}")
     if self.nan_reward not in NAN_REWARD_POLICIES:
       raise ValueError(f"rl_loop.nan_reward must be one of {NAN_REWARD_POLICIES}, "
                        f"got {self.nan_reward!r}")
@@ -256,7 +257,9 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
                       seed=run.seed + 17, collate=None)
   rng = jax.random.key(run.seed + 3)
   eval_rng = jax.random.key(run.seed + 4)
-  ref_params = jax.device_put(ref_params, shardings.policy.params)
+  # the reference is a plain policy tree (no value head, even when the trainee shares its trunk)
+  ref_params = jax.device_put(ref_params, {k: v for k, v in shardings.policy.params.items()
+                                           if k in ref_params})
 
   meta: dict = {}
   if ckpt.latest_step() is not None:
@@ -275,7 +278,7 @@ def run_rl_loop(run: Run, stage: str, cfg: RLConfig, loop: RLLoopConfig, scorer:
                             eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
   experience_fn = make_experience_fn(cfg, run.model_cfg, run.mesh, run.rules)
-  if loop.update == "shard_map":
+  if loop.update_variant == "shard_map":
     from rlhfjax.train.rl_shard_map import make_rl_update_shard_map as make_update
   else:
     make_update = make_rl_update
