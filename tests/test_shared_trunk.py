@@ -7,32 +7,19 @@ import numpy as np
 import pytest
 
 from rlhfjax import rl
-from rlhfjax.models import PolicyModel, PolicyValueModel, TransformerConfig, ValueModel, init_params
+from rlhfjax.models import PolicyModel, PolicyValueModel, ValueModel, init_params
 from rlhfjax.models.sequence import response_logits
 from rlhfjax.parallel import axes, create_mesh, replicated, shard_batch
 from rlhfjax.train.rl import (RLConfig, RLState, make_experience, make_experience_fn, make_rl_update,
                               policy_loss, response_values)
 from rlhfjax.train.rl_shard_map import make_rl_update_shard_map
 from rlhfjax.train.state import create_train_state, make_optimizer
+from tests.test_rl_update import CFG, _rollout  # the same tiny model and random ragged rollouts
 
-CFG = TransformerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                        d_ff=64, max_len=20)
 RULES = axes.DEFAULT_RULES
 BASE = dict(algo="ppo", iterations=2, prompts_per_iter=4, group_size=4, minibatch_size=8, epochs=2,
             learning_rate=1e-3, warmup_steps=0, adaptive_kl=True, kl_target=0.1, kl_horizon=100.0,
             shared_trunk=True, vf_coef=0.5)
-
-
-def _rollout(b=16, p=6, n=10, seed=0):
-  rng = np.random.default_rng(seed)
-  pad = rng.integers(0, 3, b)
-  pmask = (np.arange(p)[None] >= pad[:, None]).astype(np.int32)
-  pids = rng.integers(4, CFG.vocab_size, (b, p)).astype(np.int32) * pmask
-  lens = rng.integers(2, n + 1, b)
-  rmask = (np.arange(n)[None] < lens[:, None]).astype(np.float32)
-  rids = (rng.integers(4, CFG.vocab_size, (b, n)) * rmask).astype(np.int32)
-  return dict(prompt_ids=pids, prompt_mask=pmask, response_ids=rids, response_mask=rmask,
-              finished=lens < n), rng.normal(size=b).astype(np.float32)
 
 
 def _shared_params(seed=0):
