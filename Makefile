@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 # 1) SFT on a flawed teacher, then GRPO with the math verifier past it;
 # 2) SFT on a chatty teacher -> 5,000 simulated human comparisons -> reward model (accuracy printed).
 demo: $(STAMP)
-	$(BIN)/python -m rlhfjax.demo --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}/verifier
-	$(BIN)/python -m rlhfjax.demo --config=experiments/preference.py --stages=sft,rm \
+	$(BIN)/python -m rlhfjax.main --config=exceed_teacher --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}/verifier
+	$(BIN)/python -m rlhfjax.main --config=preference --config.stages=sft,rm \
 	  --workdir=$${WORKDIR:-/tmp/rlhfjax_demo}/preference
 
 test: $(STAMP)

@@ -16,12 +16,11 @@ data): to compare algorithms without re-running SFT, copy a finished workdir, de
 run from scratch (data, tokenizer, SFT, RL, evals) is the under-15-minutes-on-2-CPU-cores budget.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import arithmetic  # noqa: E402
+try:
+  from . import arithmetic
+except ImportError:  # loaded by path (config_flags): no package to be relative to
+  from rlhfjax.config import import_sibling
+  arithmetic = import_sibling(__file__, "arithmetic")
 
 
 def get_config(algo: str = "grpo"):

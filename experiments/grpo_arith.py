@@ -6,12 +6,11 @@ Advantages: (r - mean_group) / std_group over the 8 samples of each prompt (Deep
 KL to the SFT reference in the loss with the k3 estimator (kl_mode auto = "loss").
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import exceed_teacher  # noqa: E402
+try:
+  from . import exceed_teacher
+except ImportError:  # loaded by path (config_flags): no package to be relative to
+  from rlhfjax.config import import_sibling
+  exceed_teacher = import_sibling(__file__, "exceed_teacher")
 
 
 def get_config():

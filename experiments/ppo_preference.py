@@ -13,14 +13,13 @@ Outputs: `plots/ppo_curves.png` (proxy, gold, KL), `results.json` (`ppo.before_g
 `ppo.after_gold_mean`, `ppo.gold_gain_in_sft_std`), `samples.jsonl`, `report.md`.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import preference  # noqa: E402
+try:
+  from . import preference
+except ImportError:  # loaded by path (config_flags): no package to be relative to
+  from rlhfjax.config import import_sibling
+  preference = import_sibling(__file__, "preference")
 
 
 def ppo_stage_config() -> ml_collections.ConfigDict:

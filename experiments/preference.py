@@ -9,14 +9,13 @@ preference (correct + shows work − repetition − padding).
     python -m rlhfjax.main --config=experiments/preference.py --workdir=/tmp/pref4 --config.rm.format=rankings
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import arithmetic  # noqa: E402
+try:
+  from . import arithmetic
+except ImportError:  # loaded by path (config_flags): no package to be relative to
+  from rlhfjax.config import import_sibling
+  arithmetic = import_sibling(__file__, "arithmetic")
 
 
 def rm_config() -> ml_collections.ConfigDict:

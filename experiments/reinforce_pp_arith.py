@@ -7,12 +7,11 @@ the whole batch (Hu 2025, sec. 3). Samples per prompt stay 8 only to keep the ro
 to the other algorithms'; REINFORCE++ does not use the grouping.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import exceed_teacher  # noqa: E402
+try:
+  from . import exceed_teacher
+except ImportError:  # loaded by path (config_flags): no package to be relative to
+  from rlhfjax.config import import_sibling
+  exceed_teacher = import_sibling(__file__, "exceed_teacher")
 
 
 def get_config():

@@ -6,12 +6,11 @@ Advantage of sample i: r_i - mean_{j != i} r_j over its group (Ahmadian et al. 2
 the KL penalty folded into the sequence reward (kl_mode auto = "reward"), whitened over the batch.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import exceed_teacher  # noqa: E402
+try:
+  from . import exceed_teacher
+except ImportError:  # loaded by path (config_flags): no package to be relative to
+  from rlhfjax.config import import_sibling
+  exceed_teacher = import_sibling(__file__, "exceed_teacher")
 
 
 def get_config():

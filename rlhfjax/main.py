@@ -1,39 +1,100 @@
-"""Command-line entry: flags -> `train_and_evaluate(config, workdir)`.
+"""Command-line entry: flags -> `train_and_evaluate(config, workdir)` -> a summary of what it achieved.
 
+    python -m rlhfjax.main --config=exceed_teacher --workdir=/tmp/rlhfjax_demo    # make demo, part 1
+    python -m rlhfjax.main --config=preference --workdir=/tmp/pref --config.stages=sft,rm
     python -m rlhfjax.main --config=experiments/arithmetic.py --workdir=/tmp/arith --config.sft.steps=300
+
+`--config` is an experiment name (a file of the repository's `experiments/`, which an installed wheel
+ships as `rlhfjax.experiments`; `NAME:ARG` passes ARG to its `get_config`) or the path of any config
+file with a `get_config()`. `--config.a.b=v` overrides one field; the config is locked, so a typo is
+an error naming the valid keys. Re-running on the same workdir resumes, and a finished workdir just
+prints its summary again.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
+import os
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (get_config())",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment name (e.g. exceed_teacher) or config file path (get_config())",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (re-running the same command resumes)")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# TFDS warns about these on every load of our (deliberately custom, unregistered) builder config.
+_EXPECTED_WARNINGS = ("Using custom data configuration", "has no dataset_info.json")
+
+
+def _quiet():
+  """INFO from TFDS / Orbax / absl off (and TFDS's expected warnings); rlhfjax's own progress stays."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("absl").addFilter(
+      lambda rec: not any(s in rec.getMessage() for s in _EXPECTED_WARNINGS))
+  log = logging.getLogger("rlhfjax")
+  log.setLevel(logging.INFO)
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("rlhfjax: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False  # a root handler installed by a dependency would print each line twice
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+
+
+def _title(config_path: str) -> str:
+  """Summary header: the experiment's name and the first line of its file's docstring."""
+  name = os.path.splitext(os.path.basename(config_path))[0]
+  try:
+    with open(config_path) as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ""
+  except (OSError, SyntaxError, ValueError):
+    doc = ""
+  first = doc.strip().splitlines()[0] if doc.strip() else ""
+  return f"rlhfjax {name}: {first}" if first else f"rlhfjax {name}"
 
 
 def main(argv):
   del argv
-  from absl import logging as absl_logging
+  _quiet()
+  from rlhfjax.config import get_field
+  from rlhfjax.summary import summary
   from rlhfjax.train.pipeline import train_and_evaluate
-  absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS / Orbax are chatty at INFO
-  logging.getLogger("rlhfjax").setLevel(logging.INFO)
-  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  for stage, res in results.items():
-    print(f"[{stage}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in res.items()))
-  print(f"workdir: {_WORKDIR.value}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  print(f"rlhfjax: stages={get_field(config, 'stages', '?')} workdir={workdir} (a fresh run builds the "
+        "data set and tokenizer, then trains)", flush=True)
+  t0 = time.perf_counter()
+  results = train_and_evaluate(config, workdir)
+  title = _title(config_flags.get_config_filename(flags.FLAGS["config"]))
+  print(summary(results, workdir, time.perf_counter() - t0, title=title), flush=True)
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+  """`--config=NAME` -> `--config=<path of experiments/NAME.py>` (see `rlhfjax.config.resolve_config_arg`)."""
+  from rlhfjax.config import resolve_config_arg
+  out = list(argv)
+  for i, a in enumerate(out):
+    for prefix in ("--config=", "-config="):
+      if a.startswith(prefix):
+        out[i] = prefix + resolve_config_arg(a[len(prefix):])
+    if a in ("--config", "-config") and i + 1 < len(out):
+      out[i + 1] = resolve_config_arg(out[i + 1])
+  return out
 
 
 def run():
-  """Console-script entry point; bad config keys exit with one line instead of a traceback."""
+  """Console-script entry point; bad input (config keys, experiment names) exits with one line instead
+  of a traceback."""
   try:
+    sys.argv = resolve_argv(sys.argv)  # config_flags reads the overrides from sys.argv itself
     app.run(main)
   except (ValueError, KeyError, AttributeError, FileNotFoundError, FloatingPointError) as e:
     msg = str(e.args[0] if e.args else e)
@@ -42,7 +103,7 @@ def run():
         msg = ast.literal_eval(msg)
       except (ValueError, SyntaxError):
         pass
-    msg = " ".join(msg.split())  # one line
+    msg = " ".join(str(msg).split())  # one line
     if isinstance(e, (KeyError, AttributeError)):
       msg = f"unknown config key {msg}"
     print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)

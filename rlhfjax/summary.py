@@ -1,25 +1,12 @@
-"""`make demo`: the arithmetic pipeline end to end, then a short summary of what it achieved.
+"""Human summaries of `train_and_evaluate` results: what each stage achieved, as `rlhfjax.main` prints it.
 
-    python -m rlhfjax.demo --workdir=/tmp/rlhfjax_demo [--stages=sft,rl] [--set sft.steps=100 ...]
-    python -m rlhfjax.demo --config=experiments/arithmetic.py --stages=sft   # SFT on a correct teacher
-
-Runs `train_and_evaluate` with `experiments/exceed_teacher.py`'s config by default: a ~0.3M-parameter
-policy learns 2-digit addition with a scratchpad by imitating a teacher that usually forgets the
-carry out of the tens column (`sft`), then RL with the math verifier (GRPO) trains it past that
-teacher (`rl`); about 6 minutes on 2 CPU cores. Re-running on the same workdir resumes, and a
-finished workdir just prints its summary again.
-
-Adding a stage to the demo is one entry in `SUMMARIES` (stage -> function printing its results).
+`SUMMARIES` maps a stage name to a function turning that stage's result dict into lines; a stage
+without an entry gets one generic `key=value` line. Adding a stage's summary is one entry there.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import logging
 import os
-import sys
-import time
 from typing import Callable
 
 # Stage -> printer of that stage's result dict (keys as returned by `train_and_evaluate`).
@@ -116,7 +103,7 @@ SUMMARIES: dict[str, SummaryFn] = {
     "rl": summarize_rl,
     "ppo": summarize_ppo,
 }
-STAGES = list(SUMMARIES)  # stages the demo knows how to summarize, in pipeline order
+STAGES = list(SUMMARIES)  # stages with their own summary, in pipeline order
 
 
 def _generic(stage: str, r: dict) -> list[str]:
@@ -124,62 +111,13 @@ def _generic(stage: str, r: dict) -> list[str]:
                                     for k, v in r.items())]
 
 
-def _apply_override(config, assignment: str):
-  """`sft.steps=100` -> config.sft.steps = 100 (value parsed as a Python literal when possible)."""
-  key, sep, raw = assignment.partition("=")
-  if not sep:
-    raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  *parents, leaf = key.strip().split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value  # a locked ConfigDict rejects unknown keys and wrong types
+DEFAULT_TITLE = "rlhfjax: arithmetic (2-digit addition with a scratchpad)"
 
 
-# TFDS warns about these on every load of our (deliberately custom, unregistered) builder config.
-_EXPECTED_WARNINGS = ("Using custom data configuration", "has no dataset_info.json")
-
-
-def _quiet():
-  """INFO from TFDS / Orbax / absl off (and TFDS's expected warnings); rlhfjax's own progress stays."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("absl").addFilter(
-      lambda rec: not any(s in rec.getMessage() for s in _EXPECTED_WARNINGS))
-  log = logging.getLogger("rlhfjax")
-  log.setLevel(logging.INFO)
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("rlhfjax: %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False  # a root handler installed by a dependency would print each line twice
-  import tensorflow_datasets as tfds
-  tfds.disable_progress_bar()
-
-
-DEFAULT_CONFIG = "experiments/exceed_teacher.py"
-
-
-def load_config(path: str = DEFAULT_CONFIG):
-  """`get_config()` of an experiment file (relative paths resolve against the repository root)."""
-  import importlib.util
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  full = path if os.path.isabs(path) else os.path.join(root, path)
-  spec = importlib.util.spec_from_file_location("rlhfjax_demo_config", full)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def summary(results: dict, workdir: str, wall_s: float) -> str:
-  lines = ["", "=" * 60, "rlhfjax demo: arithmetic (2-digit addition with a scratchpad)", "=" * 60]
+def summary(results: dict, workdir: str, wall_s: float, title: str = DEFAULT_TITLE) -> str:
+  """The printed summary of a run: a header, each stage's lines in run order, wall time and where the
+  run's files are."""
+  lines = ["", "=" * 60, title, "=" * 60]
   if "rm" in results:
     lines.append("task: the simulated human prefers correct answers that show their work and dislikes "
                  "padding and repetition (rlhfjax/data/labeler.py)")
@@ -193,39 +131,3 @@ def summary(results: dict, workdir: str, wall_s: float) -> str:
             f"  plots:   {os.path.join(workdir, 'plots')}/",
             f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}  (samples.jsonl, results.json beside it)"]
   return "\n".join(lines)
-
-
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="/tmp/rlhfjax_demo", help="run directory (re-running resumes)")
-  parser.add_argument("--config", default=DEFAULT_CONFIG, help="experiment file with get_config()")
-  parser.add_argument("--stages", default="sft,rl", help=f"comma-separated, any of {STAGES}")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set sft.steps=100 (repeatable)")
-  args = parser.parse_args(argv)
-  stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown or not stages:
-    parser.error(f"--stages: unknown {unknown}; valid: {STAGES}")
-
-  _quiet()
-  config = load_config(args.config)
-  config.stages = ",".join(stages)
-  for assignment in args.set:
-    _apply_override(config, assignment)
-
-  from rlhfjax.train.pipeline import train_and_evaluate
-  print(f"rlhfjax demo: stages={config.stages} workdir={args.workdir} (a fresh run builds the data set "
-        "and tokenizer, then trains; minutes on 2 CPU cores)", flush=True)
-  t0 = time.perf_counter()
-  try:
-    results = train_and_evaluate(config, args.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line, no traceback
-    print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-  print(summary(results, args.workdir, time.perf_counter() - t0))
-  return results
-
-
-if __name__ == "__main__":
-  main()

@@ -1,6 +1,6 @@
-"""`make demo`'s printed summaries: every stage's key figures appear, formatted from the results."""
+"""The summaries `rlhfjax.main` prints: every stage's key figures appear, formatted from the results."""
 
-from rlhfjax import demo
+from rlhfjax import summary
 
 RM = {"format": "pairs", "train_records": 5000, "steps": 313, "before_accuracy": 0.445,
       "after_accuracy": 0.81, "before_gold_accuracy": 0.42, "after_gold_accuracy": 0.9214,
@@ -13,7 +13,7 @@ PPO = {"iterations": 60, "before_gold_mean": 1.175, "after_gold_mean": 2.3016,
 
 
 def test_rm_summary_reports_gold_agreement_and_its_split():
-  text = "\n".join(demo.summarize_rm(RM))
+  text = "\n".join(summary.summarize_rm(RM))
   assert "5000 pairs" in text and "313 steps" in text
   assert "92.1%" in text and "81.0%" in text and "86.3%" in text
   assert "(714)" in text and "94.4%" in text and "(85)" in text and "65.9%" in text
@@ -21,12 +21,12 @@ def test_rm_summary_reports_gold_agreement_and_its_split():
 
 
 def test_ppo_summary_reports_gold_gain_and_kl():
-  text = "\n".join(demo.summarize_ppo(PPO))
+  text = "\n".join(summary.summarize_ppo(PPO))
   assert "2.3016" in text and "1.1750" in text and "1.5422" in text
   assert "+1.16 SFT standard deviations" in text and "2.11 nats (target 2.0)" in text
 
 
 def test_summary_names_the_preference_task_and_every_stage():
-  out = demo.summary({"rm": RM, "ppo": PPO}, "/tmp/w", 60.0)
+  out = summary.summary({"rm": RM, "ppo": PPO}, "/tmp/w", 60.0)
   assert "simulated human" in out and "Reward model" in out and "PPO against the reward model" in out
-  assert set(demo.STAGES) == {"sft", "rm", "rl", "ppo"}
+  assert set(summary.STAGES) == {"sft", "rm", "rl", "ppo"}
