@@ -4,3 +4,4 @@ from rlhfjax.models.heads import (PolicyModel, PolicyValueModel, RewardModel, Va
                                   transplant_trunk)
 from rlhfjax.models.transformer import TransformerConfig, Trunk, init_cache, rope
 from rlhfjax.models.init import init_params, positions_from_mask
+from rlhfjax.models.hf import load_hf, save_hf

@@ -1,5 +1,9 @@
 """Decoder-only transformer trunk: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 
+The `TransformerConfig` switches cover the Hugging Face families `rlhfjax.models.hf` loads (Llama 3,
+Qwen2/2.5, Qwen3, Gemma 3 text); their defaults are the original rlhfjax model, whose parameters and
+outputs they leave exactly as they were.
+
 Inputs carry explicit `positions` and a key-validity `mask` because prompts are left-padded: row b's
 first real token may sit at column 7, yet it is position 0. Attention is causal over *slots* (columns)
 and ignores slots whose mask is 0.
@@ -44,10 +48,42 @@ class TransformerConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
   norm_eps: float = 1e-6
+  # --- family switches (defaults: the original rlhfjax model; see rlhfjax/models/hf.py) ---
+  embed_scale: bool = True  # inputs = embedding * sqrt(d_model), the constant rounded to the embedding's dtype (Gemma); False: Llama/Qwen
+  norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w), w initialized at 0 (Gemma), instead of by w
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; Llama/Qwen3/Gemma attention_bias)
+  out_bias: bool = False  # bias on the attention output projection (Llama/Qwen3/Gemma attention_bias)
+  qk_norm: bool = False  # RMSNorm over head_dim on queries and keys, before RoPE (Qwen3, Gemma 3)
+  post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add (Gemma 3)
+  mlp_activation: str = "silu"  # gate activation of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma)
+  query_pre_attn_scalar: float | None = None  # attention logits * this ** -0.5 (Gemma); None: head_dim ** -0.5
+  rope_scaling: str = "none"  # RoPE frequency scaling of global layers: "none", "linear" (/ factor), "llama3"
+  rope_scaling_factor: float = 1.0  # "linear" and "llama3": the factor
+  rope_low_freq_factor: float = 1.0  # "llama3": low_freq_factor
+  rope_high_freq_factor: float = 4.0  # "llama3": high_freq_factor
+  rope_original_max_len: int = 8192  # "llama3": original_max_position_embeddings
+  layer_types: tuple[str, ...] = ()  # per layer "global" or "local" (sliding window); () = all global
+  sliding_window: int = 0  # local layers: a query sees the keys less than this many slots back (itself included)
+  rope_local_base: float | None = None  # RoPE base of local layers, unscaled (Gemma 3); None: as global layers
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))  # lists (e.g. from JSON) stay hashable
+    if self.layer_types and len(self.layer_types) != self.n_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+    if set(self.layer_types) - {"global", "local"}:
+      raise ValueError(f"layer_types entries must be 'global' or 'local', got {self.layer_types}")
+    if "local" in self.layer_types and self.sliding_window < 1:
+      raise ValueError("local layers need sliding_window >= 1")
+    if self.mlp_activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"mlp_activation must be 'silu' or 'gelu_tanh', got {self.mlp_activation!r}")
+    if self.rope_scaling not in ("none", "linear", "llama3"):
+      raise ValueError(f"rope_scaling must be 'none', 'linear' or 'llama3', got {self.rope_scaling!r}")
+
+  @property
+  def has_local_layers(self) -> bool:
+    return "local" in self.layer_types
 
   @property
   def compute_dtype(self):
@@ -60,8 +96,11 @@ class TransformerConfig:
   def num_params(self, with_embedding: bool = True) -> int:
     """Trunk parameter count (no heads), analytic."""
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+    attn += self.d_model if self.out_bias else 0
+    attn += 2 * self.head_dim if self.qk_norm else 0
     mlp = 3 * self.d_model * self.d_ff
-    per_layer = attn + mlp + 2 * self.d_model
+    per_layer = attn + mlp + (4 if self.post_norms else 2) * self.d_model
     emb = self.vocab_size * self.d_model if with_embedding else 0
     return self.n_layers * per_layer + self.d_model + emb
 
@@ -81,34 +120,68 @@ def _dense_init(axes: tuple[str, ...], scale: float = 1.0):
 
 
 class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) * w over the last dim, in float32; `plus_one`: * (1 + w) (Gemma)."""
+
   eps: float
   dtype: Any
   param_dtype: Any
+  plus_one: bool = False
+  axis_name: str = ax.EMBED  # logical name of the normalized dim
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (ax.EMBED,)),
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    w = scale.astype(jnp.float32)
+    if self.plus_one:
+      w = 1.0 + w
+    return (y * w).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary embedding (Su et al. 2021) on the last dim of x [B, T, N, H] at positions [B, T]."""
+def rope(x: jax.Array, positions: jax.Array, base: float, freq: jax.Array | None = None) -> jax.Array:
+  """Rotary embedding (Su et al. 2021) on the last dim of x [B, T, N, H] at positions [B, T].
+
+  Dims `i` and `i + H/2` form a rotated pair (the "rotate_half" layout Hugging Face checkpoints use).
+  `freq` [H/2] overrides the frequencies `base ** (-i / (H/2))` (see `rope_frequencies`).
+  """
   half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+  if freq is None:
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
   angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, H/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def rope_frequencies(cfg: TransformerConfig, local: bool = False) -> jax.Array:
+  """RoPE frequencies [head_dim/2] of a global (or, `local`, a sliding-window) layer, with scaling."""
+  half = cfg.head_dim // 2
+  if local and cfg.rope_local_base is not None:
+    return cfg.rope_local_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  freq = cfg.rope_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == "linear":
+    return freq / factor
+  if cfg.rope_scaling == "llama3":
+    # Llama 3.1: long wavelengths (> original_len / low_freq_factor) slowed down by `factor`, short ones
+    # (< original_len / high_freq_factor) kept, a linear blend in the wavelength band between.
+    lo, hi, old = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    wavelen = 2 * jnp.pi / freq
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * freq / factor + smooth * freq
+    return jnp.where(wavelen < old / hi, freq, jnp.where(wavelen > old / lo, freq / factor, blended))
+  return freq
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index):
+  def __call__(self, x, positions, mask, layer_cache, cache_index, is_local=None):
+    """`is_local`: this layer's scalar bool (scanned), None when the model has no local layers."""
     cfg = self.cfg
     dt, pdt = cfg.compute_dtype, cfg.params_dtype
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -120,7 +193,23 @@ class Attention(nn.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))  # [batch, time, heads, head_dim]
     kk = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))  # [batch, time, kv_heads, head_dim]
     vv = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
-    q, kk = rope(q, positions, cfg.rope_base), rope(kk, positions, cfg.rope_base)
+    if cfg.qkv_bias:
+      bias = lambda name, heads: self.param(
+          name, nn.with_logical_partitioning(nn.initializers.zeros, (ax.HEADS, ax.KV)), (heads, h), pdt)
+      q = q + bias("bq", n).astype(dt)
+      kk = kk + bias("bk", k).astype(dt)
+      vv = vv + bias("bv", k).astype(dt)
+    if cfg.qk_norm:
+      head_norm = lambda name: RMSNorm(cfg.norm_eps, dt, pdt, plus_one=cfg.norm_plus_one, axis_name=ax.KV,
+                                       name=name)
+      q, kk = head_norm("q_norm")(q), head_norm("k_norm")(kk)
+    if cfg.rope_scaling == "none" and not cfg.has_local_layers:
+      q, kk = rope(q, positions, cfg.rope_base), rope(kk, positions, cfg.rope_base)
+    else:
+      freq = rope_frequencies(cfg)
+      if is_local is not None:
+        freq = jnp.where(is_local, rope_frequencies(cfg, local=True), freq)
+      q, kk = rope(q, positions, cfg.rope_base, freq), rope(kk, positions, cfg.rope_base, freq)
 
     t = x.shape[1]
     if layer_cache is None:
@@ -136,13 +225,22 @@ class Attention(nn.Module):
       new_cache = {"k": keys, "v": values}
     s = keys.shape[1]
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
+    if is_local is not None:  # sliding window over slots (= positions: real tokens are contiguous)
+      in_window = q_slot[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window  # [T, S]
+      allowed = allowed & (in_window | ~is_local)[None]
 
+    scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     q = q.reshape(q.shape[0], t, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * h ** -0.5
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * scale
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
-    return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_cache
+    out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    if cfg.out_bias:
+      bo = self.param("bo", nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
+                      (cfg.d_model,), pdt)
+      out = out + bo.astype(dt)
+    return out, new_cache
 
 
 class MLP(nn.Module):
@@ -157,22 +255,30 @@ class MLP(nn.Module):
     w_down = self.param("w_down", _dense_init((ax.MLP, ax.EMBED)), (cfg.d_ff, cfg.d_model), pdt)
     gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))  # [batch, time, d_ff]
     up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
-    return jnp.einsum("BTF,FD->BTD", nn.silu(gate) * up, w_down.astype(dt))
+    act = nn.silu(gate) if cfg.mlp_activation == "silu" else nn.gelu(gate, approximate=True)
+    return jnp.einsum("BTF,FD->BTD", act * up, w_down.astype(dt))
 
 
 class Block(nn.Module):
-  """One pre-norm layer; the scan body. Carry: hidden states; per-layer input/output: its cache."""
+  """One pre-norm layer; the scan body. Carry: hidden states; per-layer inputs: its cache (and, with
+  local layers, its `is_local` flag); per-layer output: its cache."""
 
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, cache_index):
+  def __call__(self, x, layer_cache, positions, mask, cache_index, is_local=None):
     cfg = self.cfg
-    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype,
+                                plus_one=cfg.norm_plus_one, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask,
-                                                      layer_cache, cache_index)
+                                                      layer_cache, cache_index, is_local)
+    if cfg.post_norms:
+      attn_out = norm("post_attn_norm")(attn_out)
     x = x + attn_out
-    x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+    mlp_out = MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+    if cfg.post_norms:
+      mlp_out = norm("post_mlp_norm")(mlp_out)
+    x = x + mlp_out
     return x, new_cache
 
 
@@ -192,18 +298,27 @@ class Trunk(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        # cache, positions, mask, cache_index (+ the per-layer is_local flags when there are local layers)
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast) + ((0,) if cfg.has_local_layers else ()),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
     )(cfg, name="layers")
-    self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, plus_one=cfg.norm_plus_one,
+                              name="final_norm")
 
   def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0):
     cfg = self.cfg
-    # Gemma-style: small embedding init (tied logits start near N(0, 1)), inputs scaled by sqrt(d).
-    x = jnp.take(self.embedding, tokens, axis=0) * jnp.sqrt(float(cfg.d_model))
+    if cfg.embed_scale:
+      # Gemma-style: small embedding init (tied logits start near N(0, 1)), inputs scaled by sqrt(d).
+      # sqrt(d) is a weakly-typed constant, so the product is in the embedding's dtype (as in HF Gemma).
+      x = jnp.take(self.embedding, tokens, axis=0) * jnp.sqrt(float(cfg.d_model))
+    else:
+      x = jnp.take(self.embedding, tokens, axis=0)
     x = x.astype(cfg.compute_dtype)  # [batch, time, d_model]
-    x, new_cache = self.layers(x, cache, positions, mask, cache_index)
+    per_layer = ()
+    if cfg.has_local_layers:
+      per_layer = (jnp.asarray([t == "local" for t in cfg.layer_types]),)  # [layers] bool
+    x, new_cache = self.layers(x, cache, positions, mask, cache_index, *per_layer)
     return self.final_norm(x), new_cache
 
   def attend(self, h):
