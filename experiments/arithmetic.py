@@ -23,20 +23,14 @@ def model_config():
 
 
 def rl_config(c):
-  """RL sections shared by the RL experiments (`rl` and `ppo` stages)."""
+  """RL sections shared by the RL experiments (`rl` and `ppo` stages): the algorithm (`rl`), its
+  optimizers (`rl_optim`), the sampler (`rl_sampling`) and the loop (`rl_loop`)."""
   c.rl = ml_collections.ConfigDict()
   c.rl.algo = "grpo"  # ppo | grpo | rloo | reinforce_pp | best_of_n
-  c.rl.iterations = 60  # sample -> score -> update rounds
-  c.rl.prompts_per_iter = 16  # distinct prompts per iteration
   c.rl.group_size = 8  # responses per prompt (>= 2 for group baselines)
   c.rl.epochs = 1  # passes over each rollout batch
   c.rl.minibatch_size = 64  # responses per optimizer step
   c.rl.microbatch_size = 0  # gradient accumulation chunk (0 = off)
-  c.rl.learning_rate = 1e-4  # policy AdamW lr
-  c.rl.value_learning_rate = 1e-4  # critic AdamW lr (ppo)
-  c.rl.warmup_steps = 5  # optimizer warmup steps
-  c.rl.weight_decay = 0.0  # decoupled weight decay
-  c.rl.grad_clip = 1.0  # global-norm clip
   c.rl.clip_eps = 0.2  # PPO ratio clip
   c.rl.clip_eps_high = 0.0  # asymmetric upper clip (DAPO 0.28); 0 = symmetric
   c.rl.dual_clip = 0.0  # dual clip bound (> 1); 0 = off
@@ -56,14 +50,23 @@ def rl_config(c):
   c.rl.advantage_scale = "group"  # GRPO std: group | batch | none
   c.rl.best_of_n_k = 1  # best-of-N: top-k positive / bottom-k negative per group
   c.rl.missing_eos_penalty = 0.0  # added to the score when a response never ends
-  c.rl.temperature = 1.0  # sampling temperature
-  c.rl.top_k = 0  # top-k sampling (0 = off)
-  c.rl.top_p = 1.0  # nucleus sampling (1 = off)
-  c.rl.max_new_tokens = 0  # response budget (0 = data.max_response_len)
   c.rl.shared_trunk = False  # ppo: one trunk with LM + value heads and one optimizer
   c.rl.vf_coef = 0.1  # value-loss weight in the joint loss when shared_trunk
+  c.rl_optim = ml_collections.ConfigDict()
+  c.rl_optim.learning_rate = 1e-4  # policy AdamW lr
+  c.rl_optim.value_learning_rate = 1e-4  # critic AdamW lr (ppo)
+  c.rl_optim.warmup_steps = 5  # optimizer warmup steps
+  c.rl_optim.weight_decay = 0.0  # decoupled weight decay
+  c.rl_optim.grad_clip = 1.0  # global-norm clip
+  c.rl_sampling = ml_collections.ConfigDict()
+  c.rl_sampling.temperature = 1.0  # sampling temperature (log-probs use the same)
+  c.rl_sampling.top_k = 0  # top-k sampling (0 = off)
+  c.rl_sampling.top_p = 1.0  # nucleus sampling (1 = off)
+  c.rl_sampling.max_new_tokens = 0  # response budget (0 = data.max_response_len)
   c.rl_reward = "math:1.0"  # verifier rewards and weights for the `rl` stage, e.g. "math:1,format:0.1"
   c.rl_loop = ml_collections.ConfigDict()
+  c.rl_loop.iterations = 60  # sample -> score -> update rounds
+  c.rl_loop.prompts_per_iter = 16  # distinct prompts per iteration
   c.rl_loop.eval_every = 20  # eval every N iterations (0 = before/after only)
   c.rl_loop.eval_examples = 128  # held-out problems per eval
   c.rl_loop.eval_samples = 4  # samples per problem for pass@k / maj@k

@@ -39,14 +39,14 @@ def get_config():
   # model learns (README); PPO has a real preference to climb, at the usual temperature 1.0.
   r = c.rl
   r.algo = "ppo"  # PPO with a critic and GAE
-  r.iterations = 60  # sample -> score -> update rounds
-  r.prompts_per_iter = 64  # prompts per rollout batch
+  c.rl_loop.iterations = 60  # sample -> score -> update rounds
+  c.rl_loop.prompts_per_iter = 64  # prompts per rollout batch
   r.group_size = 1  # one response per prompt (PPO needs no group baseline)
   r.epochs = 4  # PPO epochs over each batch (InstructGPT: 4)
   r.minibatch_size = 32  # responses per optimizer step -> 8 policy/critic steps per iteration
-  r.learning_rate = 1e-4  # policy AdamW lr
-  r.value_learning_rate = 1e-3  # critic AdamW lr
-  r.warmup_steps = 8  # optimizer warmup steps
+  c.rl_optim.learning_rate = 1e-4  # policy AdamW lr
+  c.rl_optim.value_learning_rate = 1e-3  # critic AdamW lr
+  c.rl_optim.warmup_steps = 8  # optimizer warmup steps
   r.lam = 0.95  # GAE lambda
   r.kl_coef = 0.1  # initial beta of the adaptive controller
   r.adaptive_kl = True  # Ziegler et al. 2019 proportional controller
@@ -55,7 +55,7 @@ def get_config():
   # (README: target 3 ends at +0.9 SFT std with greedy accuracy down to 88%, target 2 at +1.16).
   r.kl_target = 2.0  # target KL(policy || reference), nats per response
   r.kl_horizon = 640.0  # controller horizon in samples: beta moves up to 2% per iteration of 64
-  r.temperature = 1.0  # sampling temperature of rollouts and of the gold eval (= the labeled samples)
+  c.rl_sampling.temperature = 1.0  # sampling temperature of rollouts and the gold eval (= the labeled samples)
   r.missing_eos_penalty = -1.0  # responses that never stop score 1 lower
   c.rl_loop.eval_every = 10  # held-out gold/proxy (+ accuracy) eval every N iterations
   c.rl_loop.eval_examples = 64  # held-out problems for the accuracy eval

@@ -78,9 +78,12 @@ def main(argv):
 
 
 def resolve_argv(argv: list[str]) -> list[str]:
-  """`--config=NAME` -> `--config=<path of experiments/NAME.py>` (see `rlhfjax.config.resolve_config_arg`)."""
-  from rlhfjax.config import resolve_config_arg
-  out = list(argv)
+  """`--config=NAME` -> `--config=<path of experiments/NAME.py>` (see `rlhfjax.config.resolve_config_arg`);
+  a key that moved (`--config.rl.iterations`) is rewritten to its new place with a one-line note."""
+  from rlhfjax.config import resolve_config_arg, rewrite_moved_flags
+  out, notes = rewrite_moved_flags(list(argv))
+  for note in notes:
+    print(note, file=sys.stderr)
   for i, a in enumerate(out):
     for prefix in ("--config=", "-config="):
       if a.startswith(prefix):

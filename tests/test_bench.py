@@ -7,6 +7,10 @@ TINY = ["--d_model=32", "--n_layers=1", "--vocab=64", "--batch=8", "--seq=16", "
         "--new_tokens=4", "--steps=1", "--matmul_n=128", "--devices=all"]
 
 
+def test_benches_registered_in_one_place():
+  assert set(bench.BENCHES) == {"sample", "sft", "rl_step", "ppo_update", "rm_score"}
+
+
 def test_bench_all_tiny(capsys):
   results = bench.main(["all", *TINY])
   assert [r["bench"] for r in results] == list(bench.BENCHES)
@@ -19,6 +23,24 @@ def test_bench_all_tiny(capsys):
   out = capsys.readouterr().out
   assert out.count("| matmul |") == 1
   assert "| sample |" in out and "| sft |" in out
+  assert "| rm_score |" in out and "| ppo_update |" in out
+
+
+def test_bench_ppo_update_flags(capsys):
+  """The PPO-only flags are the one parser's: 2 epochs x 2 minibatches of 8 (one row per device),
+  the shard_map update."""
+  (r,) = bench.main(["ppo_update", *TINY, "--batch=16", "--epochs=2", "--minibatch=8",
+                     "--variant=shard_map"])
+  assert r["bench"] == "ppo_update" and "E2 mb8" in r["config"] and "shard_map" in r["config"]
+  assert r["tokens_per_s"] > 0 and r["experience_s"] > 0
+  assert "| ppo_update |" in capsys.readouterr().out
+
+
+def test_bench_rm_score_ensemble(capsys):
+  (r,) = bench.main(["rm_score", *TINY, "--ensemble=2"])
+  assert r["bench"] == "rm_score" and r["config"].endswith("N2")
+  assert r["responses_per_s"] > 0 and 0 < r["ratio"] < 10
+  assert "| rm_score |" in capsys.readouterr().out
 
 
 def test_matmul_peak():

@@ -73,8 +73,9 @@ def test_cli_unknown_name_exits_with_one_line_listing_the_experiments(tmp_path):
 
 def test_pyproject_lists_every_package():
   """The package list is explicit (for the experiments/ mapping): a new subpackage must be added."""
-  tomllib = pytest.importorskip("tomllib")
-  setuptools = pytest.importorskip("setuptools")
+  import tomllib
+
+  import setuptools
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     tool = tomllib.load(f)["tool"]["setuptools"]
   found = {p for p in setuptools.find_namespace_packages(where=ROOT, include=["rlhfjax*"])

@@ -2,10 +2,7 @@
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import chex
 import jax
@@ -18,12 +15,6 @@ from rlhfjax.train.pipeline import train_and_evaluate
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, "tiny.py")
-
-
-def _cli(workdir, *overrides):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return [sys.executable, "-m", "rlhfjax.main", f"--config={TINY}", f"--workdir={workdir}",
-          *overrides], env
 
 
 def _final_state(workdir):
@@ -57,30 +48,22 @@ def test_train_and_evaluate_tiny(tmp_path):
   assert again["sft"]["after_heldout_loss"] == pytest.approx(sft["after_heldout_loss"], abs=1e-6)
 
 
-def test_config_typo_is_one_clear_line(tmp_path):
-  cmd, env = _cli(tmp_path, "--config.sft.stepz=3")
+def test_config_typo_is_one_clear_line(tmp_path, cli):
+  cmd, env = cli(TINY, tmp_path, "--config.sft.stepz=3")
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert out.returncode != 0
   assert "stepz" in out.stderr and "steps" in out.stderr  # names the bad key and the valid ones
   assert "Traceback" not in out.stderr
 
 
-def test_kill9_resume_is_exact(tmp_path):
+def test_kill9_resume_is_exact(tmp_path, cli, kill9):
   overrides = ["--config.sft.steps=60", "--config.sft.checkpoint_every=10", "--config.sft.eval_examples=0"]
   full, killed = tmp_path / "full", tmp_path / "killed"
-  cmd, env = _cli(full, *overrides)
+  cmd, env = cli(TINY, full, *overrides)
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
 
-  cmd, env = _cli(killed, *overrides)
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = killed / "checkpoints" / "sft" / "10"
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.005)
-  proc.send_signal(signal.SIGSTOP)  # freeze at once, then a real kill -9 mid-training
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  cmd, env = cli(TINY, killed, *overrides)
+  kill9(cmd, env, killed / "checkpoints" / "sft" / "10")  # a real kill -9 mid-training
   step_killed, _ = _final_state(killed)
   assert step_killed < 60, "the run finished before it was killed"
 

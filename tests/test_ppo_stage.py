@@ -3,10 +3,7 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import chex
 import numpy as np
@@ -14,13 +11,6 @@ import numpy as np
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, "tiny_ppo.py")
-
-
-def _cli(workdir, *overrides, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return [sys.executable, "-m", "rlhfjax.main", f"--config={TINY}", f"--workdir={workdir}",
-          *overrides], env
 
 
 def _ppo_state(workdir):
@@ -33,16 +23,16 @@ def _ppo_state(workdir):
     return step, c.restore(os.path.join(workdir, "checkpoints", "ppo", str(step), "state"))
 
 
-def test_ppo_stage_and_kill9_resume_is_exact(tmp_path):
+def test_ppo_stage_and_kill9_resume_is_exact(tmp_path, cli, kill9):
   # sft + rm once, shared by both PPO runs (a finished stage resumes instantly)
   base, full, killed = tmp_path / "base", tmp_path / "full", tmp_path / "killed"
-  cmd, env = _cli(base, "--config.stages=sft,rm")
+  cmd, env = cli(TINY, base, "--config.stages=sft,rm")
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
   shutil.copytree(base, full)
   shutil.copytree(base, killed)
   shutil.copytree(base, tmp_path / "shared")
 
-  cmd, env = _cli(full)
+  cmd, env = cli(TINY, full)
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
   res = json.load(open(full / "results.json"))["ppo"]
   assert res["algo"] == "ppo" and res["iterations"] == 6 and res["value_init"] == "rm"
@@ -59,17 +49,8 @@ def test_ppo_stage_and_kill9_resume_is_exact(tmp_path):
   assert os.path.exists(full / "plots" / "ppo_curves.png")
   assert any(json.loads(l)["stage"] == "ppo_gold_eval" for l in open(full / "samples.jsonl"))
 
-  cmd, env = _cli(killed)
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = killed / "checkpoints" / "ppo" / "2"
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.005)
-  proc.send_signal(signal.SIGSTOP)  # freeze at once, then a real kill -9 mid-PPO
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  cmd, env = cli(TINY, killed)
+  kill9(cmd, env, killed / "checkpoints" / "ppo" / "2")  # a real kill -9 mid-PPO
   step_killed, _ = _ppo_state(killed)
   assert step_killed < 6, "PPO finished before it was killed"
 
@@ -82,8 +63,8 @@ def test_ppo_stage_and_kill9_resume_is_exact(tmp_path):
 
   # the shared-trunk actor-critic under the explicit shard_map update, data-parallel over 2 devices
   shared = tmp_path / "shared"
-  cmd, env = _cli(shared, "--config.rl.shared_trunk=True", "--config.rl_loop.update_variant=shard_map",
-                  "--config.rl.iterations=2", devices=2)
+  cmd, env = cli(TINY, shared, "--config.rl.shared_trunk=True", "--config.rl_loop.update_variant=shard_map",
+                  "--config.rl_loop.iterations=2", devices=2)
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
   res = json.load(open(shared / "results.json"))["ppo"]
   assert res["value_init"] == "shared_trunk" and res["update_variant"] == "shard_map"

@@ -10,8 +10,9 @@ from rlhfjax.models import TransformerConfig
 from rlhfjax.models.init import positions_from_mask
 from rlhfjax.parallel import axes, create_mesh, shard_batch
 from rlhfjax.train import reward
-from rlhfjax.train.reward import (LossConfig, RMConfig, create_reward_state, ensemble_score,
-                                  make_reward_step, make_scorer, normalize_params, score)
+from rlhfjax.rewards.scorers import ensemble_score, make_scorer, score
+from rlhfjax.train.reward import (LossConfig, RMConfig, create_reward_state, make_reward_step,
+                                  normalize_params)
 from rlhfjax.train.state import make_optimizer
 
 CFG = TransformerConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rlhfjax.train.pipeline import train_and_evaluate
-from rlhfjax.train.rl_loop import mask_unscored, verifier_scorer
+from rlhfjax.rewards.scorers import verifier_scorer
+from rlhfjax.train.rl_stage import mask_unscored
 
 
 def _tiny_rl_config():
@@ -23,11 +24,11 @@ def _tiny_rl_config():
   c.sft.log_every = 3
   c.sft.checkpoint_every = 6
   c.sft.eval_examples = 0
-  c.rl.iterations = 2
-  c.rl.prompts_per_iter = 2
+  c.rl_loop.iterations = 2
+  c.rl_loop.prompts_per_iter = 2
   c.rl.group_size = 4
   c.rl.minibatch_size = 8
-  c.rl.max_new_tokens = 8
+  c.rl_sampling.max_new_tokens = 8
   c.rl_loop.eval_every = 0  # before and after only
   c.rl_loop.eval_examples = 8
   c.rl_loop.eval_samples = 2
@@ -88,20 +89,21 @@ def test_nan_rewards_mask_or_zero():
 def test_best_of_n_tied_groups_give_no_signal():
   from rlhfjax.models import PolicyModel, TransformerConfig, init_params
   from rlhfjax.parallel import axes, create_mesh
-  from rlhfjax.train.rl import RLConfig, make_experience_fn
+  from rlhfjax.sampling import Rollout
+  from rlhfjax.train.rl import AlgoConfig, RLModels, make_experience_fn
   model = TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                             head_dim=8, d_ff=32, max_len=8)
-  cfg = RLConfig(algo="best_of_n", prompts_per_iter=3, group_size=4, minibatch_size=12,
-                 best_of_n_k=2)
+  cfg = AlgoConfig(algo="best_of_n", group_size=4, minibatch_size=12, best_of_n_k=2)
   params = init_params(PolicyModel(model), jax.random.key(0))
   b = 12
-  rollout = dict(prompt_ids=jnp.ones((b, 3), jnp.int32), prompt_mask=jnp.ones((b, 3), jnp.int32),
-                 response_ids=jnp.full((b, 4), 5, jnp.int32), response_mask=jnp.ones((b, 4)),
-                 finished=jnp.ones((b,), bool))
+  rollout = Rollout(prompt_ids=jnp.ones((b, 3), jnp.int32), prompt_mask=jnp.ones((b, 3), jnp.int32),
+                    response_ids=jnp.full((b, 4), 5, jnp.int32), response_mask=jnp.ones((b, 4)),
+                    finished=jnp.ones((b,), bool))
   scores = jnp.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0], jnp.float32)  # all right, all wrong, 1 of 4
   mesh = create_mesh((1, 1, 1), jax.devices()[:1])
-  exp, _ = make_experience_fn(cfg, model, mesh, axes.DEFAULT_RULES)(params, params, None, rollout,
-                                                                    scores, jnp.float32(0.0))
+  models = RLModels(policy=PolicyModel(model))
+  exp, _ = make_experience_fn(cfg, models, mesh, axes.DEFAULT_RULES)(params, params, None, rollout,
+                                                                     scores, jnp.float32(0.0))
   adv = np.asarray(exp.advantages[:, 0])
   # group [0, 1, 0, 0], k=2: only the right one is positive (a wrong answer is never "2nd best");
   # the bottom 2 (wrong) are negative; tied groups give nothing

@@ -20,8 +20,10 @@ def get_config():
                eval_examples=0)
   c.labeler.update(label_budget=32, test_comparisons=16, sample_batch_size=64)
   c.rm.update(batch_size=8, norm_samples=16, eval_batch_size=32, log_every=2, checkpoint_every=100)
-  c.rl.update(iterations=6, prompts_per_iter=8, minibatch_size=4, epochs=2, warmup_steps=1)
-  c.rl_loop.update(eval_every=0, eval_examples=0, checkpoint_every=2, log_every=1)
+  c.rl.update(minibatch_size=4, epochs=2)
+  c.rl_optim.update(warmup_steps=1)
+  c.rl_loop.update(iterations=6, prompts_per_iter=8, eval_every=0, eval_examples=0, checkpoint_every=2,
+                   log_every=1)
   c.ppo.update(gold_eval_prompts=8, samples_table=4)
   c.lock()
   return c

@@ -7,7 +7,7 @@ from rlhfjax.data.arithmetic import (
     parse_answer,
     teacher_accuracy,
 )
-from rlhfjax.data.batching import DataIterator, collate_prompts, collate_sft
+from rlhfjax.data.batching import DataIterator, collate_prompts, collate_sft, encode_sequences
 from rlhfjax.data.jsonl import read_jsonl
 from rlhfjax.data.tfds_arithmetic import (
     BUILDER_CONFIGS,
@@ -26,6 +26,7 @@ __all__ = [
     "builder_config_for",
     "collate_prompts",
     "collate_sft",
+    "encode_sequences",
     "generate_problems",
     "load_arithmetic",
     "make_problem",

@@ -184,3 +184,11 @@ def collate_prompts(examples: Sequence[dict], tokenizer: Tokenizer, max_prompt_l
       "prompts": prompts,
       "answers": [ex.get("answer") for ex in examples],
   }
+
+
+def encode_sequences(tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                     max_prompt_len: int, max_response_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """`[left-padded prompt | right-padded response + eos]` tokens and mask [M, P+R], e.g. for scoring."""
+  pi, pm = tokenizer.encode_prompts(prompts, max_prompt_len)
+  ri, rm = tokenizer.encode_responses(responses, max_response_len)
+  return np.concatenate([pi, ri], 1), np.concatenate([pm, rm], 1)

@@ -148,14 +148,6 @@ def gold_preference_reward(prompts: Sequence[str], completions: Sequence[str],
   return gold_scores(prompts, completions, answer)
 
 
-def _register():
-  from rlhfjax.rewards import register_reward
-  register_reward("gold_preference", gold_preference_reward, overwrite=True)
-
-
-_register()
-
-
 # ---------------------------------------------------------------------------------------------
 # The response pool
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +269,7 @@ def sample_policy(params, model_cfg, tokenizer, prompts: Sequence[str], *, n: in
                   max_new_tokens: int, temperature: float, batch_size: int, rng) -> list[list[str]]:
   """`n` policy samples per prompt: [len(prompts)][n] decoded responses."""
   import jax
-  from rlhfjax.train.evaluate import generate_completions
+  from rlhfjax.sampling.completions import generate_completions
   flat = [p for p in prompts for _ in range(n)]
   texts = generate_completions(params, model_cfg, tokenizer, flat, max_prompt_len=max_prompt_len,
                                max_new_tokens=max_new_tokens, batch_size=batch_size,

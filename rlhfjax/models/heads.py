@@ -3,6 +3,10 @@
 Each is a linen module with a pure `init`/`apply`. Their parameter trees are separate (`{"trunk": ...,
 <head params>}`) so any one can start from another's trunk with `transplant_trunk` (value from the
 reward model, reward model from SFT).
+
+They are the built-in implementations of the interfaces the sampler and the RL core take
+(`rlhfjax.models.sequence`): `PolicyModel` is a *policy* (logits, KV cache), `ValueModel` a *critic*,
+`PolicyValueModel` an *actor-critic*, `RewardModel` a *scorer*.
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhfjax.models.transformer import Trunk, TransformerConfig
+from rlhfjax.models.transformer import Trunk, TransformerConfig, init_cache
 from rlhfjax.parallel import axes as ax
 
 
 class PolicyModel(nn.Module):
-  """Language-model head: logits [B, T, vocab] (float32)."""
+  """Language-model head: logits [B, T, vocab] (float32), and the KV cache when given one."""
 
   cfg: TransformerConfig
 
@@ -25,6 +29,19 @@ class PolicyModel(nn.Module):
     trunk = Trunk(self.cfg, name="trunk")
     h, new_cache = trunk(tokens, positions, mask, cache, cache_index)
     return _lm_logits(self, trunk, h), new_cache
+
+  def init_cache(self, batch: int, length: int):
+    """An empty KV cache of `length` slots (the sampler's; see `rlhfjax.models.transformer`)."""
+    return init_cache(self.cfg, batch, length)
+
+  @property
+  def max_len(self) -> int:
+    return self.cfg.max_len
+
+
+def as_policy(model):
+  """A policy module: `model` itself, or the built-in `PolicyModel` for a `TransformerConfig`."""
+  return PolicyModel(model) if isinstance(model, TransformerConfig) else model
 
 
 def _lm_logits(module: nn.Module, trunk: Trunk, h):
@@ -91,26 +108,41 @@ def last_token_index(mask: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(mask > 0, cols, 0), axis=-1).astype(jnp.int32)
 
 
-class RewardModel(nn.Module):
-  """Reward model: a scalar per sequence [B], read at the last non-padding token.
+POOLS = ("last", "sum", "mean")
 
-  `score = gain * raw + bias`; `gain`/`bias` (params `norm_gain`, `norm_bias`) normalize scores
-  (e.g. mean 0 / std 1 on the reference policy's samples) and may be trained or set after training.
-  With `per_token=True` it returns the raw per-token scalars [B, T] too.
+
+class RewardModel(nn.Module):
+  """Reward model: a scalar per sequence [B] from per-token head outputs.
+
+  `pool` says how the per-token outputs become one score: "last" reads the last real token; "sum"
+  adds them over the real tokens (a per-token reward: with a causal trunk the prompt's part is the
+  same for every response to it, so it cancels in comparisons); "mean" averages them. Then
+  `score = gain * pooled + bias`, the one place the readout is applied; `gain`/`bias` (params
+  `norm_gain`, `norm_bias`) normalize scores (mean 0 / std 1 on the reference policy's samples)
+  and are set after training. With `per_token=True` it returns the raw per-token scalars [B, T] too.
   """
 
   cfg: TransformerConfig
+  pool: str = "last"
 
   @nn.compact
   def __call__(self, tokens, positions, mask, per_token: bool = False):
+    if self.pool not in POOLS:
+      raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
     h, _ = Trunk(self.cfg, name="trunk")(tokens, positions, mask)
     raw = _scalar_head(self, h, nn.initializers.normal(self.cfg.d_model ** -0.5))  # [B, T]
     gain = self.param("norm_gain", nn.with_logical_partitioning(nn.initializers.ones, ()), (),
                       jnp.float32)
     bias = self.param("norm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
                       jnp.float32)
-    last = jnp.take_along_axis(raw, last_token_index(mask)[:, None], axis=1)[:, 0]  # [B]
-    score = gain * last + bias
+    if self.pool == "last":
+      pooled = jnp.take_along_axis(raw, last_token_index(mask)[:, None], axis=1)[:, 0]  # [B]
+    else:
+      m = mask.astype(jnp.float32)
+      pooled = jnp.sum(raw * m, -1)
+      if self.pool == "mean":
+        pooled = pooled / jnp.maximum(m.sum(-1), 1.0)
+    score = gain * pooled + bias
     return (score, raw) if per_token else score
 
 

@@ -22,13 +22,22 @@ RewardFn = Callable[..., np.ndarray]
 NAN_POLICIES = ("zero", "raise", "propagate")
 
 _REGISTRY: dict[str, RewardFn] = {}
+# Built-in rewards by import path, loaded on first use: the registry imports nothing of theirs
+# (and they import nothing of the registry), so rewards and data modules never import each other.
+BUILTIN_REWARDS = {
+    "math": "rlhfjax.rewards.math:math_reward_fn",
+    "format": "rlhfjax.rewards.format:format_reward_fn",
+    "code": "rlhfjax.rewards.sandbox:code_reward_fn",
+    "gold_preference": "rlhfjax.data.labeler:gold_preference_reward",
+}
 
 
 def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = False):
   """Registers ``fn`` under ``name`` so configs can refer to it; usable as a decorator."""
 
   def _register(f: RewardFn) -> RewardFn:
-    if name in _REGISTRY and _REGISTRY[name] is not f and not overwrite:
+    taken = name in _REGISTRY and _REGISTRY[name] is not f
+    if (taken or name in BUILTIN_REWARDS) and not overwrite:
       raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[name] = f
     return f
@@ -36,21 +45,36 @@ def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = 
   return _register(fn) if fn is not None else _register
 
 
-def get_reward_fn(name: str) -> RewardFn:
-  """Returns the reward function registered as ``name`` (e.g. ``"math"``, ``"format"``, ``"code"``)."""
-  import rlhfjax.rewards  # noqa: F401  (registers the built-in rewards)
+def load_object(path: str):
+  """The object at ``"package.module:attribute"``."""
+  import importlib
+  module, _, attr = path.partition(":")
+  obj = importlib.import_module(module)
+  for part in attr.split("."):
+    obj = getattr(obj, part)
+  return obj
 
-  try:
+
+def get_reward_fn(name: str) -> RewardFn:
+  """The reward registered as ``name`` (``"math"``, ``"format"``, ``"code"``, ...) or at an import
+  path ``"mypkg.rewards:brevity"``."""
+  if name in _REGISTRY:
     return _REGISTRY[name]
-  except KeyError:
-    raise KeyError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}") from None
+  path = BUILTIN_REWARDS.get(name, name if ":" in name else None)
+  if path is None:
+    raise KeyError(f"unknown reward {name!r}; registered: {list_reward_fns()}")
+  try:
+    fn = load_object(path)
+  except (ImportError, AttributeError) as e:
+    raise KeyError(f"reward {name!r}: cannot import {path!r} ({e})") from None
+  if not callable(fn):
+    raise KeyError(f"reward {name!r}: {path!r} is not callable")
+  return fn
 
 
 def list_reward_fns() -> list[str]:
   """Names of all registered reward functions."""
-  import rlhfjax.rewards  # noqa: F401
-
-  return sorted(_REGISTRY)
+  return sorted(set(_REGISTRY) | set(BUILTIN_REWARDS))
 
 
 RewardSpec = Union[str, RewardFn]

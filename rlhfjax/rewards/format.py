@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlhfjax.rewards.base import register_reward
 from rlhfjax.rewards.math import extract_answer
 
 OPEN_TAG = "<thinking>"
@@ -51,7 +50,6 @@ def format_reward(completions: Sequence[str], *, open_tag_in_prompt: bool = Fals
                   dtype=np.float32)
 
 
-@register_reward("format")
 def format_reward_fn(prompts: Sequence[str], completions: Sequence[str], **unused_fields: Any) -> np.ndarray:
   """Contract-style format reward (the opening tag is expected in the completion)."""
   del prompts, unused_fields

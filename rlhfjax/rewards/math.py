@@ -27,7 +27,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlhfjax.rewards.base import register_reward
 
 # A number as people write it: optional sign (incl. unicode minus), thousands groups or plain
 # digits, optional decimals, optional "/denominator".
@@ -198,7 +197,6 @@ def math_reward(completions: Sequence[str], answers: Sequence[Any]) -> np.ndarra
                   dtype=np.float32)
 
 
-@register_reward("math")
 def math_reward_fn(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] | None = None,
                    **unused_fields: Any) -> np.ndarray:
   """Contract-style math reward: 1/0 per completion, NaN where the gold ``answer`` is missing."""

@@ -78,7 +78,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlhfjax.rewards.base import register_reward
 
 STATUSES = ("ok", "failed", "timeout", "memory", "crashed", "syntax_error", "output_limit")
 
@@ -516,7 +515,6 @@ def _get_default_pool() -> CodeSandboxPool:
     return _default_pool
 
 
-@register_reward("code")
 def code_reward_fn(prompts: Sequence[str], completions: Sequence[str], tests: Sequence[Sequence[str]] | None = None,
                    *, pool: CodeSandboxPool | None = None, **unused_fields: Any) -> np.ndarray:
   """Contract-style code reward: fraction of ``tests`` passed by the completion's code.

@@ -198,8 +198,8 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 def logprobs_from_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Log-probability of each token under a categorical over the last axis of ``logits``.
 
-  Computed in float32 as ``logits[token] - logsumexp(logits)`` (no ``[.., vocab]`` log-softmax
-  is kept around).
+  Computed in float32 as ``log_softmax(logits)[token]``. This is the one token-log-prob function:
+  the sampler-matching forward passes of the RL core and the SFT loss use it too.
 
   Args:
     logits: ``[batch, length, vocab]`` (any float dtype).
@@ -208,9 +208,8 @@ def logprobs_from_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   Returns:
     ``[batch, length]`` float32 log-probs.
   """
-  logits = jnp.asarray(logits).astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, jnp.asarray(tokens)[..., None], axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
+  logp = jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, jnp.asarray(tokens)[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:

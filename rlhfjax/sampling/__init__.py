@@ -1,3 +1,3 @@
-"""Jitted KV-cache sampling."""
+"""Jitted KV-cache sampling over any policy module, and decoded completions for text prompts."""
 
-from rlhfjax.sampling.sampler import SampleOutput, SamplingConfig, filter_logits, generate
+from rlhfjax.sampling.sampler import Rollout, SampleOutput, SamplingConfig, filter_logits, generate

@@ -6,27 +6,33 @@ distribution before truncation* — `log_softmax(logits / temperature)` (tempera
 and the response mask (1 up to and including EOS). Those log-probabilities equal a full no-cache
 forward pass over the same sequence (see tests/test_sampling.py), so RL can use them as the
 behaviour policy's.
+
+The sampler takes the model (`SamplingConfig.model`): any policy module of the interface in
+`rlhfjax.models.sequence` — with a KV cache (`init_cache`) it prefills once and decodes one token per
+step; without one it re-runs the whole `[prompt | response so far]` each step — or a
+`TransformerConfig`, meaning the built-in `PolicyModel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from rlhfjax.models.heads import PolicyModel
+from rlhfjax.models.heads import as_policy
 from rlhfjax.models.init import positions_from_mask
-from rlhfjax.models.transformer import TransformerConfig, init_cache
+from rlhfjax.models.sequence import logits_of
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Static sampler settings (hashable: a jit static argument)."""
 
-  model: TransformerConfig
+  model: Any  # a policy module (hashable linen module), or a TransformerConfig for the built-in one
   max_new_tokens: int  # response budget; rows that never emit EOS are truncated here
   eos_id: int
   pad_id: int = 0
@@ -54,9 +60,28 @@ class SampleOutput:
 
 
 @flax.struct.dataclass
+class Rollout:
+  """Sampled responses to a batch of prompts: what a scorer and `make_experience` read.
+
+  All device arrays; B = prompts x samples per prompt, rows of one prompt contiguous.
+  """
+
+  prompt_ids: jax.Array  # [B, P] int32, left-padded
+  prompt_mask: jax.Array  # [B, P] 1 on real prompt tokens
+  response_ids: jax.Array  # [B, N] int32, pad after EOS
+  response_mask: jax.Array  # [B, N] float32, 1 on response tokens incl. EOS
+  finished: jax.Array  # [B] bool: emitted EOS (False = truncated at the budget)
+
+  @classmethod
+  def from_sample(cls, prompt_ids, prompt_mask, out: SampleOutput) -> "Rollout":
+    return cls(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.tokens,
+               response_mask=out.mask, finished=out.finished)
+
+
+@flax.struct.dataclass
 class _State:
   step: jax.Array
-  cache: dict
+  cache: Any  # the policy's KV cache, or None (the whole sequence is re-run each step)
   logits: jax.Array  # [B, V] logits for the next token
   key_mask: jax.Array  # [B, S] 1 on slots holding real tokens
   tokens: jax.Array
@@ -101,27 +126,41 @@ def generate(params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Arr
   """Sample responses for left-padded prompts.
 
   Args:
-    params: policy parameters (`PolicyModel(config.model)`).
+    params: the policy's parameters.
     prompt_ids: [batch, prompt_len] int32, left-padded; every row needs at least one real token.
     prompt_mask: [batch, prompt_len], 1 on real prompt tokens.
     rng: PRNG key.
-    config: `SamplingConfig` (static).
+    config: `SamplingConfig` (static), its `model` the policy.
 
   Returns:
     `SampleOutput` with `[batch, max_new_tokens]` tokens, log-probs and mask.
   """
-  model = PolicyModel(config.model)
+  model = as_policy(config.model)
   b, p = prompt_ids.shape
   n = config.max_new_tokens
-  if p + n > config.model.max_len:
-    raise ValueError(f"prompt_len {p} + max_new_tokens {n} exceeds the model's max_len "
-                     f"{config.model.max_len}")
+  max_len = getattr(model, "max_len", None)
+  if max_len is not None and p + n > max_len:
+    raise ValueError(f"prompt_len {p} + max_new_tokens {n} exceeds the model's max_len {max_len}")
+  prompt_ids = prompt_ids.astype(jnp.int32)
   prompt_mask = prompt_mask.astype(jnp.int32)
   key_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), jnp.int32)], axis=1)
-  cache = init_cache(config.model, b, p + n)
-  logits, cache = model.apply({"params": params}, prompt_ids.astype(jnp.int32),
-                              positions_from_mask(prompt_mask), key_mask, cache, 0)
   prompt_len = jnp.sum(prompt_mask, axis=1)  # [B] position of the first response token
+  apply = lambda *args: model.apply({"params": params}, *args)  # noqa: E731
+  if hasattr(model, "init_cache"):
+    logits, cache = apply(prompt_ids, positions_from_mask(prompt_mask), key_mask,
+                          model.init_cache(b, p + n), 0)
+
+    def next_logits(s: _State, token, key_mask):  # one new token through the cache
+      logits, cache = apply(token[:, None], (prompt_len + s.step)[:, None], key_mask, s.cache, p + s.step)
+      return logits[:, 0], cache
+  else:
+    logits, cache = logits_of(apply(prompt_ids, positions_from_mask(prompt_mask), prompt_mask)), None
+    positions = jnp.concatenate([positions_from_mask(prompt_mask),
+                                 prompt_len[:, None] + jnp.arange(n)[None]], axis=1)
+
+    def next_logits(s: _State, tokens, key_mask):  # the whole sequence again, read at the new slot
+      out = logits_of(apply(jnp.concatenate([prompt_ids, tokens], axis=1), positions, key_mask))
+      return jax.lax.dynamic_index_in_dim(out, p + s.step, axis=1, keepdims=False), None
 
   def cond(s: _State):
     return (s.step < n) & ~jnp.all(s.done)
@@ -136,9 +175,8 @@ def generate(params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Arr
     mask = s.mask.at[:, s.step].set(live.astype(jnp.float32))
     key_mask = s.key_mask.at[:, p + s.step].set(live.astype(jnp.int32))
     done = s.done | (token == config.eos_id)
-    logits, cache = model.apply({"params": params}, token[:, None], (prompt_len + s.step)[:, None],
-                                key_mask, s.cache, p + s.step)
-    return _State(step=s.step + 1, cache=cache, logits=logits[:, 0], key_mask=key_mask,
+    logits, cache = next_logits(s, token if s.cache is not None else tokens, key_mask)
+    return _State(step=s.step + 1, cache=cache, logits=logits, key_mask=key_mask,
                   tokens=tokens, logprobs=logprobs, mask=mask, done=done, rng=rng)
 
   state = _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1], key_mask=key_mask,

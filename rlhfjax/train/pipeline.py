@@ -1,60 +1,28 @@
-"""`train_and_evaluate(config, workdir)`: the host side of a run, stage by stage.
+"""`train_and_evaluate(config, workdir)`: a run's shared setup, then its stages in order.
 
-A `Run` holds what every stage shares (config, workdir, tokenizer, data, mesh, metrics writer). Each
-stage (`sft`, later `rm`, `ppo`, `rl`) keeps its own Orbax checkpoints in `<workdir>/checkpoints/<stage>`
-and is resumable: re-running the same command continues a stage where its last checkpoint left it,
-and skips a finished stage (its final parameters are loaded for the next one).
+The shared setup (data, tokenizer, model config, mesh, metrics writer) becomes a `Run`; each stage of
+`config.stages` is a `Stage` (`rlhfjax.train.stage`) the one driver `run_stage` runs. Every stage keeps
+its own Orbax checkpoints in `<workdir>/checkpoints/<stage>` and is resumable: re-running the same
+command continues a stage where its last checkpoint left it and skips a finished one; a stage whose
+inputs come from an earlier stage that is not in `config.stages` restores them from that stage's
+final checkpoint (`--config.stages=rl` on a workdir whose `sft` finished).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable
 
-import jax
 import ml_collections
 import numpy as np
 
-from rlhfjax.config import to_dataclass, to_json
+from rlhfjax.config import check_moved_keys, to_dataclass, to_json
 from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import create_mesh
+from rlhfjax.train.stage import STAGES, Run, run_stage
 
 log = logging.getLogger("rlhfjax")
-
-
-@dataclasses.dataclass
-class Run:
-  config: ml_collections.ConfigDict
-  workdir: str
-  tokenizer: Any
-  model_cfg: TransformerConfig
-  mesh: Any
-  rules: tuple
-  writer: Any
-  train_examples: Any
-  test_examples: Any
-  results: dict = dataclasses.field(default_factory=dict)  # stage -> summary numbers
-  params: dict = dataclasses.field(default_factory=dict)  # stage -> final parameters
-
-  def ckpt_dir(self, stage: str) -> str:
-    return os.path.join(self.workdir, "checkpoints", stage)
-
-  @property
-  def seed(self) -> int:
-    return int(self.config.seed)
-
-
-STAGES: dict[str, Callable[[Run], dict]] = {}
-
-
-def register_stage(name: str):
-  def deco(fn):
-    STAGES[name] = fn
-    return fn
-  return deco
 
 
 def arithmetic_config(data: ml_collections.ConfigDict):
@@ -96,19 +64,24 @@ def make_model_config(config, tokenizer) -> TransformerConfig:
                       max_len=config.data.max_prompt_len + config.data.max_response_len)
 
 
+# The modules that define the stages (each registers its `Stage` class on import).
+STAGE_MODULES = ("rlhfjax.train.sft", "rlhfjax.train.rm_stage", "rlhfjax.train.rl_stage",
+                 "rlhfjax.train.ppo_stage")
+
+
+def import_stages() -> dict:
+  import importlib
+  for name in STAGE_MODULES:
+    importlib.import_module(name)
+  return STAGES
+
+
 def stage_list(config) -> list[str]:
   stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
-  unknown = [s for s in stages if s not in STAGES]
+  unknown = [s for s in stages if s not in import_stages()]
   if unknown or not stages:
     raise ValueError(f"config.stages: unknown stage(s) {unknown}; valid: {sorted(STAGES)}")
   return stages
-
-
-def _import_stages():
-  import rlhfjax.train.sft_loop  # noqa: F401  (registers "sft")
-  import rlhfjax.train.reward_loop  # noqa: F401  (registers "rm")
-  import rlhfjax.train.rl_loop  # noqa: F401  (registers "rl")
-  import rlhfjax.train.ppo_loop  # noqa: F401  (registers "ppo")
 
 
 # Sections whose change makes existing checkpoints / data / tokenizer in a workdir unusable.
@@ -142,7 +115,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run `config.stages` in order in `workdir`; resumable. Returns {stage: results}."""
   from rlhfjax.metrics import MetricsWriter, plot_curves, write_report
-  _import_stages()
+  check_moved_keys(config)
   stages = stage_list(config)
   os.makedirs(workdir, exist_ok=True)
   check_resumable(config, workdir)
@@ -158,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             rules=rules, writer=writer, train_examples=train, test_examples=test)
   try:
     for stage in stages:
-      run.results[stage] = STAGES[stage](run)
+      run.results[stage] = run_stage(run, STAGES[stage](run))
   finally:
     writer.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -12,7 +12,8 @@ Ensembles stack N members' train states on a leading axis and `jax.vmap` the sam
 
 The reward head's `norm_gain`/`norm_bias` are not trained (their gradients are zeroed); after
 training `normalize_params` sets them so the reference policy's samples score mean 0 / std 1
-(Ziegler et al. 2019 / lm-human-preferences).
+(Ziegler et al. 2019 / lm-human-preferences). Scoring a trained model (`score`, `ensemble_score`,
+`score_batched`) is in `rlhfjax.rewards.scorers`, beside the RL `Scorer`s.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from rlhfjax.models.heads import RewardModel, transplant_trunk
-from rlhfjax.models.init import _dummy_inputs, positions_from_mask
+from rlhfjax.models.init import _dummy_inputs
 from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import batch_sharding, logical_to_sharding, replicated
+from rlhfjax.rewards.scorers import score_batched
 from rlhfjax.train.state import OptimConfig, TrainState
 
 RM_BATCH_KEYS = ("tokens", "mask", "positions", "valid", "margin")
@@ -43,7 +45,7 @@ class RMConfig:
 
   format: str = "pairs"  # "pairs" or "rankings"
   ranking_size: int = 4  # K of K-way rankings
-  pool: str = "last"  # per-token head outputs -> score: "last" | "sum" | "mean" (`reward_forward`)
+  pool: str = "last"  # per-token head outputs -> score: "last" | "sum" | "mean" (`RewardModel`)
   train_file: str = ""  # JSONL of human comparisons; "" = the simulated labeler
   test_file: str = ""  # held-out JSONL (needed with train_file)
   epochs: float = 1.0  # passes over the comparisons (when steps == 0)
@@ -163,27 +165,10 @@ def ranking_loss(rewards, *, valid=None, margin=0.0, center_coef: float = 0.0, w
 # ---------------------------------------------------------------------------------------------
 
 
-POOLS = ("last", "sum", "mean")
-
-
 def reward_forward(params, tokens, positions, mask, model_cfg: TransformerConfig, pool: str = "last"):
-  """Scores [N] of N sequences [N, T]: the reward model's one forward pass.
-
-  `pool` says how the per-token head outputs become one score (before `norm_gain`/`norm_bias`):
-  "last" reads the last real token (`RewardModel`'s own readout); "sum" adds them over the real
-  tokens (a per-token reward: with a causal trunk the prompt's part is the same for every response
-  to it, so it cancels in comparisons); "mean" averages them.
-  """
-  if pool == "last":
-    return RewardModel(model_cfg).apply({"params": params}, tokens, positions, mask)
-  if pool not in POOLS:
-    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-  _, raw = RewardModel(model_cfg).apply({"params": params}, tokens, positions, mask, per_token=True)
-  m = mask.astype(jnp.float32)
-  pooled = jnp.sum(raw * m, -1)
-  if pool == "mean":
-    pooled = pooled / jnp.maximum(m.sum(-1), 1.0)
-  return params["norm_gain"] * pooled + params["norm_bias"]
+  """Scores [N] of N sequences [N, T]: the reward model's one forward pass (`RewardModel`'s
+  readout: `pool` the per-token head outputs, then gain/bias)."""
+  return RewardModel(model_cfg, pool).apply({"params": params}, tokens, positions, mask)
 
 
 def reward_loss(params, batch, rng, *, model_cfg: TransformerConfig, loss_cfg: LossConfig):
@@ -307,39 +292,8 @@ def _drop_leading(s):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring and normalization
+# Normalization
 # ---------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("model_cfg", "pool"))
-def score(params, tokens, mask, *, model_cfg: TransformerConfig, pool: str = "last"):
-  """Normalized reward of each sequence: [B, T] tokens/mask -> [B] float32.
-
-  Sequences are `[left-padded prompt | right-padded response]` (`rlhfjax.models.sequence`); the
-  score is read at the last real token. Jitted and batched; sharded inputs give sharded outputs
-  (the batch axis stays where it is). Bind the config with `make_scorer` for `score(params, tokens,
-  mask)`.
-  """
-  return reward_forward(params, tokens, positions_from_mask(mask), mask, model_cfg, pool)
-
-
-@functools.partial(jax.jit, static_argnames=("model_cfg", "pool"))
-def ensemble_score(params, tokens, mask, uncertainty_coef=1.0, *, model_cfg: TransformerConfig,
-                   pool: str = "last"):
-  """Scores under N stacked members: {"mean", "std", "penalized" = mean − λ·std: [B], "members": [N, B]}."""
-  s = jax.vmap(lambda p: reward_forward(p, tokens, positions_from_mask(mask), mask, model_cfg, pool))(params)
-  mean, std = s.mean(0), s.std(0)
-  return {"mean": mean, "std": std, "penalized": mean - uncertainty_coef * std, "members": s}
-
-
-def make_scorer(model_cfg: TransformerConfig, *, ensemble: bool = False, uncertainty_coef: float = 1.0,
-                pool: str = "last"):
-  """`score_fn(params, tokens, mask) -> [B]`; for ensembles the uncertainty-penalized mean.
-  `pool` must be the one the model was trained with (`config.rm.pool`, also in the rm checkpoint meta)."""
-  if ensemble:
-    return lambda params, tokens, mask: ensemble_score(params, tokens, mask, uncertainty_coef,
-                                                       model_cfg=model_cfg, pool=pool)["penalized"]
-  return functools.partial(score, model_cfg=model_cfg, pool=pool)
 
 
 def set_normalization(params, scores, *, eps: float = 1e-6):
@@ -366,24 +320,3 @@ def normalize_params(params, tokens, mask, model_cfg: TransformerConfig, *, ense
     new = jax.vmap(set_normalization)(params, jnp.asarray(scores))
     return new, {"mean": np.mean(scores, 1), "std": np.std(scores, 1)}
   return set_normalization(params, scores), {"mean": float(np.mean(scores)), "std": float(np.std(scores))}
-
-
-def score_batched(params, tokens, mask, model_cfg, *, ensemble: bool = False, batch_size: int = 0,
-                  pool: str = "last"):
-  """Host helper: scores of many sequences in fixed-shape chunks -> NumPy [M] (or [N, M])."""
-  tokens, mask = np.asarray(tokens), np.asarray(mask)
-  m = tokens.shape[0]
-  bs = batch_size or m
-  pad = -m % bs
-  if pad:
-    tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
-    mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
-  out = []
-  for i in range(0, tokens.shape[0], bs):
-    if ensemble:
-      out.append(np.asarray(ensemble_score(params, tokens[i:i + bs], mask[i:i + bs],
-                                           model_cfg=model_cfg, pool=pool)["members"]))
-    else:
-      out.append(np.asarray(score(params, tokens[i:i + bs], mask[i:i + bs], model_cfg=model_cfg,
-                                  pool=pool)))
-  return np.concatenate(out, axis=-1)[..., :m]

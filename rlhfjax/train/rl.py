@@ -8,6 +8,11 @@ options on the same update*: `make_experience` computes the advantages each algo
 `lax.scan` over epochs x shuffled minibatches, each minibatch optionally accumulated over
 micro-batches. Nothing returns to Python inside an update.
 
+The core takes the models as a parameter (`RLModels`: linen modules with the policy / critic /
+actor-critic interfaces of `rlhfjax.models.sequence`); it never builds one. What a jitted function is
+specialized on is exactly `(AlgoConfig, RLModels, temperature)` plus the optimizers: the loop's
+settings (iterations, eval, checkpoints) and the sampler's never reach it.
+
 Loss normalization is exact under micro-batching and data parallelism: every micro-batch's loss is
 weighted by its share of the minibatch's aggregation units (tokens, sequences or rows — see
 `_units`), so the accumulated gradient equals the gradient of the whole-minibatch loss.
@@ -19,37 +24,32 @@ import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from rlhfjax import rl
-from rlhfjax.models.heads import ValueModel
-from rlhfjax.models.sequence import (concat_prompt_response, response_logits, response_logits_values,
+from rlhfjax.models.sequence import (response_logits, response_logits_values, response_values,
                                      token_logprobs)
-from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import batch_sharding, replicated
-from rlhfjax.train.state import OptimConfig, TrainState
+from rlhfjax.sampling import Rollout
+from rlhfjax.models.heads import transplant_trunk
+from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
+                                 state_shardings)
 
 ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n")
 
 
 @dataclasses.dataclass(frozen=True)
-class RLConfig:
-  """RL hyper-parameters (static; one frozen dataclass per run). Reference values in comments."""
+class AlgoConfig:
+  """The RL algorithm (`config.rl`; static). Reference values in comments."""
 
   algo: str = "grpo"  # ppo | grpo | rloo | reinforce_pp | best_of_n
-  iterations: int = 60  # sample -> update rounds
-  prompts_per_iter: int = 16  # distinct prompts per iteration
   group_size: int = 8  # responses per prompt (GRPO 64 in DeepSeekMath; >= 2 for group methods)
   epochs: int = 1  # passes over each batch of experience (PPO 4 in InstructGPT)
   minibatch_size: int = 64  # responses per optimizer step
   microbatch_size: int = 0  # gradient-accumulation chunk; 0 = whole minibatch at once
-  learning_rate: float = 1e-4  # policy AdamW lr
-  value_learning_rate: float = 1e-4  # critic AdamW lr (PPO)
-  warmup_steps: int = 5  # optimizer steps of linear warmup
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0  # global-norm clip
   clip_eps: float = 0.2  # PPO ratio clip (Schulman et al. 2017)
   clip_eps_high: float = 0.0  # asymmetric upper clip (DAPO 0.28); 0 = same as clip_eps
   dual_clip: float = 0.0  # dual-clip bound c > 1 for negative advantages (Ye et al. 2020); 0 = off
@@ -69,10 +69,6 @@ class RLConfig:
   advantage_scale: str = "group"  # GRPO: group | batch | none (Dr. GRPO)
   best_of_n_k: int = 1  # best-of-N: top-k positive, bottom-k negative per group
   missing_eos_penalty: float = 0.0  # added to the score of responses that never emit EOS (e.g. -1)
-  temperature: float = 1.0  # sampling temperature (log-probs use the same temperature)
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 0  # 0 = config.data.max_response_len
   shared_trunk: bool = False  # PPO: one trunk with LM + value heads, one optimizer (else separate critic)
   vf_coef: float = 0.1  # value-loss weight in the joint loss when shared_trunk (PPO paper's c1)
 
@@ -83,18 +79,11 @@ class RLConfig:
       raise ValueError(f"rl.kl_mode must be auto|reward|loss|none, got {self.kl_mode!r}")
     if self.algo in ("grpo", "rloo", "best_of_n") and self.group_size < 2:
       raise ValueError(f"{self.algo} needs rl.group_size >= 2, got {self.group_size}")
-    if self.batch_size % self.minibatch_size:
-      raise ValueError(f"rollout batch {self.batch_size} (prompts_per_iter x group_size) is not a "
-                       f"multiple of rl.minibatch_size={self.minibatch_size}")
     if self.shared_trunk and not self.has_critic:
       raise ValueError(f"rl.shared_trunk needs a critic (rl.algo='ppo'), got rl.algo={self.algo!r}")
     if self.microbatch_size and self.minibatch_size % self.microbatch_size:
       raise ValueError(f"rl.minibatch_size={self.minibatch_size} is not a multiple of "
                        f"rl.microbatch_size={self.microbatch_size}")
-
-  @property
-  def batch_size(self) -> int:
-    return self.prompts_per_iter * self.group_size
 
   @property
   def has_critic(self) -> bool:
@@ -116,10 +105,51 @@ class RLConfig:
       return rl.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
     return rl.FixedKLController(self.kl_coef)
 
+
+@dataclasses.dataclass(frozen=True)
+class RLOptimConfig:
+  """The RL optimizers (`config.rl_optim`): AdamW at a constant rate after warmup."""
+
+  learning_rate: float = 1e-4  # policy AdamW lr
+  value_learning_rate: float = 1e-4  # critic AdamW lr (PPO)
+  warmup_steps: int = 5  # optimizer steps of linear warmup
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0  # global-norm clip
+
   def optim(self, value: bool = False) -> OptimConfig:
     return OptimConfig(learning_rate=self.value_learning_rate if value else self.learning_rate,
                        warmup_steps=self.warmup_steps, min_lr_ratio=1.0,
                        weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+
+  def optimizers(self, total_steps: int):
+    """(policy tx, value tx) for `total_steps` optimizer steps."""
+    return (make_optimizer(self.optim(), total_steps),
+            make_optimizer(self.optim(value=True), total_steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLModels:
+  """The modules the RL core applies (static, hashable; see `rlhfjax.models.sequence`).
+
+  `policy` samples, scores the reference and (without an actor-critic) computes the loss; `critic`
+  is PPO's separate value model; `actor_critic`, for PPO with one shared trunk, gives log-probs and
+  values from one forward, its parameters the policy's plus a value head.
+  """
+
+  policy: nn.Module
+  critic: nn.Module | None = None
+  actor_critic: nn.Module | None = None
+
+  def check(self, algo: AlgoConfig) -> "RLModels":
+    if algo.separate_critic and self.critic is None:
+      raise ValueError("rl.algo='ppo' needs a critic module (RLModels.critic)")
+    if algo.shared_trunk and self.actor_critic is None:
+      raise ValueError("rl.shared_trunk needs an actor-critic module (RLModels.actor_critic)")
+    return self
+
+  def trained_policy(self, algo: AlgoConfig) -> nn.Module:
+    """The module the policy's own train state is initialized from."""
+    return self.actor_critic if algo.shared_trunk else self.policy
 
 
 @flax.struct.dataclass
@@ -148,14 +178,47 @@ class Experience:
 EXPERIENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Experience))
 
 
-def response_values(value_params, model_cfg: TransformerConfig, prompt_ids, prompt_mask,
-                    response_ids, response_mask):
-  """V(s_i) for each response token i (state = prompt + response[:i]): [B, N] float32."""
-  tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids,
-                                                   response_mask)
-  values = ValueModel(model_cfg).apply({"params": value_params}, tokens, positions, mask)
-  p = prompt_ids.shape[1]
-  return values[:, p - 1:-1]
+def rl_state_shardings(models: RLModels, algo: AlgoConfig, policy_tx, value_tx, mesh, rules):
+  """(abstract RLState, its NamedSharding tree), computed abstractly (nothing is allocated)."""
+  p_abs, p_sh = state_shardings(models.trained_policy(algo), policy_tx, mesh, rules)
+  v_abs, v_sh = (None, None)
+  if algo.separate_critic:
+    v_abs, v_sh = state_shardings(models.critic, value_tx, mesh, rules)
+  kl = algo.kl_controller().init()
+  rep = replicated(mesh)
+  abstract = RLState(policy=p_abs, value=v_abs, kl=jax.eval_shape(lambda: kl),
+                     iteration=jax.ShapeDtypeStruct((), jnp.int32))
+  shardings = RLState(policy=p_sh, value=v_sh, kl=jax.tree.map(lambda _: rep, kl), iteration=rep)
+  return abstract, shardings
+
+
+def init_rl_state(models: RLModels, algo: AlgoConfig, policy_tx, value_tx, mesh, rules, rng,
+                  policy_params, value_init_params=None) -> RLState:
+  """A sharded RLState: the policy from `policy_params` (e.g. SFT); PPO's separate critic fresh
+  (its output layer zero), its `trunk` from `value_init_params` when given (RM or SFT).
+
+  With `algo.shared_trunk` the policy's parameters gain the actor-critic's freshly initialized
+  value head (unless they have one) and `value_init_params` is unused.
+  """
+  models.check(algo)
+  if algo.shared_trunk and "value_head" not in policy_params:
+    fresh, _ = create_train_state(models.actor_critic, policy_tx, rng, mesh, rules)
+    policy_params = {**policy_params, "value_head": fresh.params["value_head"]}
+  policy, _ = create_train_state(models.trained_policy(algo), policy_tx, rng, mesh, rules,
+                                 params=policy_params)
+  value = None
+  if algo.separate_critic:
+    vrng = jax.random.fold_in(rng, 1)
+    fresh, _ = create_train_state(models.critic, value_tx, vrng, mesh, rules)
+    vparams = fresh.params
+    if value_init_params is not None:
+      vparams = transplant_trunk(vparams, value_init_params)
+    value, _ = create_train_state(models.critic, value_tx, vrng, mesh, rules, params=vparams)
+  # Scalars placed replicated on the mesh, as `rl_update` returns them: an uncommitted scalar
+  # here would make the first and second iterations compile the update twice.
+  rep = replicated(mesh)
+  return RLState(policy=policy, value=value, kl=jax.device_put(algo.kl_controller().init(), rep),
+                 iteration=jax.device_put(jnp.zeros((), jnp.int32), rep))
 
 
 def last_token_onehot(mask):
@@ -165,73 +228,73 @@ def last_token_onehot(mask):
   return (jnp.arange(n)[None] == last[:, None]).astype(jnp.float32)
 
 
-def make_experience(policy_params, ref_params, value_params, rollout: dict, scores, kl_coef, *,
-                    cfg: RLConfig, model_cfg: TransformerConfig):
+def make_experience(policy_params, ref_params, value_params, rollout: Rollout, scores, kl_coef, *,
+                    algo: AlgoConfig, models: RLModels, temperature: float = 1.0):
   """Log-probs, reference log-probs, values, rewards and advantages for one rollout batch.
 
   Args:
     policy_params, ref_params: policy and frozen reference parameters.
-    value_params: critic parameters (ignored unless `cfg.algo == "ppo"`; with `cfg.shared_trunk` the
-      values come from `policy_params`' value head in the same forward as the log-probs).
-    rollout: `prompt_ids, prompt_mask` [B, P], `response_ids, response_mask` [B, N], `finished` [B].
+    value_params: critic parameters (ignored unless `algo.algo == "ppo"`; with `algo.shared_trunk`
+      the values come from `policy_params`' value head in the same forward as the log-probs).
+    rollout: the sampled `Rollout` ([B, P] prompts, [B, N] responses, [B] finished).
     scores: [B] sequence-level rewards (verifier or reward model).
     kl_coef: current beta (scalar array; from the KL controller state).
-    cfg, model_cfg: static configs.
+    algo, models: static algorithm and modules; temperature: the sampler's (log-probs use it).
 
   Returns:
     (Experience, metrics dict of scalars).
   """
-  args = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["response_ids"])
-  mask = rollout["response_mask"].astype(jnp.float32)
-  if cfg.shared_trunk:
-    logits, shared_values = response_logits_values(policy_params, model_cfg, *args, mask,
-                                                   cfg.temperature)
+  args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
+  mask = rollout.response_mask.astype(jnp.float32)
+  if algo.shared_trunk:
+    logits, shared_values = response_logits_values(policy_params, models.actor_critic, *args, mask,
+                                                   temperature)
   else:
-    logits = response_logits(policy_params, model_cfg, *args, mask, cfg.temperature)
-  logprobs = token_logprobs(logits, rollout["response_ids"]) * mask
-  ref_logprobs = token_logprobs(response_logits(ref_params, model_cfg, *args, mask, cfg.temperature),
-                                rollout["response_ids"]) * mask
-  kl = rl.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    logits = response_logits(policy_params, models.policy, *args, mask, temperature)
+  logprobs = token_logprobs(logits, rollout.response_ids) * mask
+  ref_logprobs = token_logprobs(response_logits(ref_params, models.policy, *args, mask, temperature),
+                                rollout.response_ids) * mask
+  kl = rl.kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
   seq_kl = kl.sum(axis=1)
 
   scores = scores.astype(jnp.float32)
-  finished = rollout["finished"].astype(jnp.float32)
-  scores = scores + cfg.missing_eos_penalty * (1.0 - finished)
-  if cfg.whiten_rewards:
+  finished = rollout.finished.astype(jnp.float32)
+  scores = scores + algo.missing_eos_penalty * (1.0 - finished)
+  if algo.whiten_rewards:
     scores = scores / (jnp.std(scores) + 1e-8)
-  beta = kl_coef if cfg.kl_placement == "reward" else 0.0
+  beta = kl_coef if algo.kl_placement == "reward" else 0.0
   last = last_token_onehot(mask)
   token_rewards = scores[:, None] * last - beta * kl
 
   zeros = jnp.zeros_like(mask)
   values, returns = zeros, zeros
-  g = cfg.group_size
-  if cfg.algo == "ppo":
-    if cfg.shared_trunk:
+  g = algo.group_size
+  if algo.algo == "ppo":
+    if algo.shared_trunk:
       values = shared_values * mask
     else:
-      values = response_values(value_params, model_cfg, *args, mask) * mask
-    advantages, returns = rl.gae(token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-    if cfg.whiten_advantages:
+      values = response_values(value_params, models.critic, *args, mask) * mask
+    advantages, returns = rl.gae(token_rewards, values, mask, gamma=algo.gamma, lam=algo.lam)
+    if algo.whiten_advantages:
       advantages = rl.whiten(advantages, mask)
-  elif cfg.algo == "grpo":
+  elif algo.algo == "grpo":
     seq = scores - beta * seq_kl
     advantages = rl.broadcast_sequence_advantage(
-        rl.group_advantages(seq, g, scale=cfg.advantage_scale), mask)
-  elif cfg.algo == "rloo":
+        rl.group_advantages(seq, g, scale=algo.advantage_scale), mask)
+  elif algo.algo == "rloo":
     seq = scores - beta * seq_kl
     advantages = rl.broadcast_sequence_advantage(rl.rloo_advantages(seq, g), mask)
-    if cfg.whiten_advantages:
+    if algo.whiten_advantages:
       advantages = rl.whiten(advantages, mask)
-  elif cfg.algo == "reinforce_pp":
-    advantages = rl.reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
+  elif algo.algo == "reinforce_pp":
+    advantages = rl.reinforce_pp_advantages(token_rewards, mask, gamma=algo.gamma)
   else:  # best_of_n: top-k of each group +1, bottom-k -1 (ties broken by index)
     grouped = scores.reshape(-1, g)
     # Only a sample better than its group's worst is a positive, only one worse than its group's
     # best a negative: all-tied groups give no signal, and ties never cross the top-k/bottom-k line.
     above_min = (grouped > grouped.min(1, keepdims=True)).reshape(-1)
     below_max = (grouped < grouped.max(1, keepdims=True)).reshape(-1)
-    sel = rl.best_of_n_select(scores, g, cfg.best_of_n_k)
+    sel = rl.best_of_n_select(scores, g, algo.best_of_n_k)
     advantages = rl.broadcast_sequence_advantage(
         jnp.where(sel > 0, sel * above_min, sel * below_max), mask)
   advantages = advantages * mask
@@ -244,12 +307,12 @@ def make_experience(policy_params, ref_params, value_params, rollout: dict, scor
       "eos_rate": finished.mean(), "advantage_mean": rl.masked_mean(advantages, mask),
       "advantage_abs_mean": rl.masked_mean(jnp.abs(advantages), mask),
   }
-  if cfg.algo == "ppo":
+  if algo.algo == "ppo":
     metrics["value_mean"] = rl.masked_mean(values, mask)
     metrics["return_mean"] = rl.masked_mean(returns, mask)
     metrics["explained_variance"] = rl.explained_variance(values, returns, mask)
-  exp = Experience(prompt_ids=rollout["prompt_ids"], prompt_mask=rollout["prompt_mask"],
-                   response_ids=rollout["response_ids"], response_mask=mask,
+  exp = Experience(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
+                   response_ids=rollout.response_ids, response_mask=mask,
                    old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
                    advantages=advantages, returns=returns)
   return exp, metrics
@@ -264,43 +327,46 @@ def _units(mask, aggregation: str):
   return jnp.asarray(mask.shape[0], jnp.float32)
 
 
-def policy_loss(params, mb: Experience, kl_coef, *, cfg: RLConfig, model_cfg: TransformerConfig):
+def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RLModels,
+                temperature: float = 1.0):
   """Clipped surrogate (+ k3 KL to the reference when KL is in the loss, − entropy bonus; with
-  `cfg.shared_trunk`, + `vf_coef` × the clipped value loss from the same forward)."""
+  `algo.shared_trunk`, + `vf_coef` × the clipped value loss from the same forward)."""
   mask = mb.response_mask
-  fwd = response_logits_values if cfg.shared_trunk else response_logits
-  out = fwd(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask, cfg.temperature)
-  logits, values = out if cfg.shared_trunk else (out, None)
+  args = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask, temperature)
+  if algo.shared_trunk:
+    logits, values = response_logits_values(params, models.actor_critic, *args)
+  else:
+    logits, values = response_logits(params, models.policy, *args), None
   logprobs = token_logprobs(logits, mb.response_ids)
-  agg = dict(aggregation=cfg.aggregation, fixed_length=mask.shape[1])
+  agg = dict(aggregation=algo.aggregation, fixed_length=mask.shape[1])
   loss, metrics = rl.ppo_policy_loss(
-      logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=cfg.clip_eps,
-      clip_eps_high=cfg.clip_eps_high or None, dual_clip=cfg.dual_clip or None, **agg)
-  if cfg.kl_placement == "loss":
+      logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=algo.clip_eps,
+      clip_eps_high=algo.clip_eps_high or None, dual_clip=algo.dual_clip or None, **agg)
+  if algo.kl_placement == "loss":
     kl = rl.kl_estimate(logprobs, mb.ref_logprobs, "k3")
     kl_loss = rl.aggregate_loss(kl, mask, **agg)
     loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
-  if cfg.entropy_coef:
-    loss = loss - cfg.entropy_coef * rl.aggregate_loss(rl.entropy_from_logits(logits), mask, **agg)
+  if algo.entropy_coef:
+    loss = loss - algo.entropy_coef * rl.aggregate_loss(rl.entropy_from_logits(logits), mask, **agg)
   metrics["policy_loss"] = loss
-  if cfg.shared_trunk:
-    vloss, vmetrics = _value_loss(values, mb, cfg)
-    loss = loss + cfg.vf_coef * vloss
+  if algo.shared_trunk:
+    vloss, vmetrics = _value_loss(values, mb, algo)
+    loss = loss + algo.vf_coef * vloss
     metrics.update(vmetrics)
   return loss, metrics
 
 
-def _value_loss(values, mb: Experience, cfg: RLConfig):
+def _value_loss(values, mb: Experience, algo: AlgoConfig):
   mask = mb.response_mask
-  return rl.value_loss(values, mb.old_values, mb.returns, mask, clip=cfg.value_clip or None,
-                       aggregation=cfg.aggregation, fixed_length=mask.shape[1])
+  return rl.value_loss(values, mb.old_values, mb.returns, mask, clip=algo.value_clip or None,
+                       aggregation=algo.aggregation, fixed_length=mask.shape[1])
 
 
-def critic_loss(params, mb: Experience, *, cfg: RLConfig, model_cfg: TransformerConfig):
+def critic_loss(params, mb: Experience, *, algo: AlgoConfig, models: RLModels):
   mask = mb.response_mask
-  values = response_values(params, model_cfg, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask)
-  return _value_loss(values, mb, cfg)
+  values = response_values(params, models.critic, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask)
+  return _value_loss(values, mb, algo)
 
 
 def _accumulate(loss_fn, params, mb: Experience, n_micro: int, units_total, aggregation: str):
@@ -330,48 +396,54 @@ def _apply(ts: TrainState, grads, tx):
                     opt_state=opt_state), optax.tree.norm(grads)
 
 
-def minibatch_grads(state: RLState, mb: Experience, *, cfg: RLConfig, model_cfg: TransformerConfig):
+def minibatch_grads(state: RLState, mb: Experience, *, algo: AlgoConfig, models: RLModels,
+                    temperature: float = 1.0):
   """(policy grads, value grads or None, metrics) of one minibatch."""
-  n_micro = mb.response_ids.shape[0] // cfg.microbatch_size if cfg.microbatch_size else 1
-  units = _units(mb.response_mask, cfg.aggregation)
-  pl = lambda p, m: policy_loss(p, m, state.kl.value, cfg=cfg, model_cfg=model_cfg)
-  pgrads, metrics = _accumulate(pl, state.policy.params, mb, n_micro, units, cfg.aggregation)
+  n_micro = mb.response_ids.shape[0] // algo.microbatch_size if algo.microbatch_size else 1
+  units = _units(mb.response_mask, algo.aggregation)
+  pl = lambda p, m: policy_loss(p, m, state.kl.value, algo=algo, models=models,  # noqa: E731
+                                temperature=temperature)
+  pgrads, metrics = _accumulate(pl, state.policy.params, mb, n_micro, units, algo.aggregation)
   vgrads = None
-  if cfg.separate_critic:
-    vl = lambda p, m: critic_loss(p, m, cfg=cfg, model_cfg=model_cfg)
-    vgrads, vmetrics = _accumulate(vl, state.value.params, mb, n_micro, units, cfg.aggregation)
+  if algo.separate_critic:
+    vl = lambda p, m: critic_loss(p, m, algo=algo, models=models)  # noqa: E731
+    vgrads, vmetrics = _accumulate(vl, state.value.params, mb, n_micro, units, algo.aggregation)
     metrics.update(vmetrics)
   return pgrads, vgrads, metrics
 
 
-def rl_update(state: RLState, exp: Experience, rng, *, cfg: RLConfig, model_cfg: TransformerConfig,
-              policy_tx, value_tx, grad_fn=None):
+def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models: RLModels,
+              policy_tx, value_tx, temperature: float = 1.0, grad_fn=None):
   """`epochs` x shuffled minibatches of clipped-surrogate updates, then one KL-controller step.
 
   `grad_fn(state, minibatch) -> (policy grads, value grads, metrics)` defaults to
   `minibatch_grads`; the shard_map data-parallel variant passes one that `psum`s over devices.
   """
-  grad_fn = grad_fn or (lambda s, mb: minibatch_grads(s, mb, cfg=cfg, model_cfg=model_cfg))
+  grad_fn = grad_fn or (lambda s, mb: minibatch_grads(s, mb, algo=algo, models=models,
+                                                      temperature=temperature))
   b = exp.response_ids.shape[0]
-  n_mb = b // cfg.minibatch_size
+  if b % algo.minibatch_size:
+    raise ValueError(f"rollout batch {b} (prompts_per_iter x group_size) is not a multiple of "
+                     f"rl.minibatch_size={algo.minibatch_size}")
+  n_mb = b // algo.minibatch_size
 
   def minibatch_step(s: RLState, mb: Experience):
     pgrads, vgrads, metrics = grad_fn(s, mb)
     policy, metrics["policy_grad_norm"] = _apply(s.policy, pgrads, policy_tx)
     value = s.value
-    if cfg.separate_critic:
+    if algo.separate_critic:
       value, metrics["value_grad_norm"] = _apply(s.value, vgrads, value_tx)
     return s.replace(policy=policy, value=value), metrics
 
   def epoch(s: RLState, key):
     perm = jax.random.permutation(key, b)
-    shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, cfg.minibatch_size, *x.shape[1:]), exp)
+    shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, algo.minibatch_size, *x.shape[1:]), exp)
     return jax.lax.scan(minibatch_step, s, shuffled)
 
-  state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, cfg.epochs))
+  state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, algo.epochs))
   metrics = jax.tree.map(jnp.mean, metrics)
   seq_kl = rl.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1").sum(1).mean()
-  kl_state = cfg.kl_controller().update(state.kl, seq_kl, b)
+  kl_state = algo.kl_controller().update(state.kl, seq_kl, b)
   return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
 
 
@@ -379,16 +451,18 @@ def experience_shardings(mesh, rules):
   return Experience(**{k: batch_sharding(mesh, 2, rules) for k in EXPERIENCE_FIELDS})
 
 
-def make_rl_update(cfg: RLConfig, model_cfg: TransformerConfig, policy_tx, value_tx, shardings,
-                   mesh, rules):
-  """`jax.jit` of `rl_update` with explicit shardings; the state is donated."""
-  fn = lambda s, e, r: rl_update(s, e, r, cfg=cfg, model_cfg=model_cfg, policy_tx=policy_tx,
-                                 value_tx=value_tx)
+def make_rl_update(algo: AlgoConfig, models: RLModels, policy_tx, value_tx, shardings, mesh, rules,
+                   *, temperature: float = 1.0, grad_fn=None):
+  """`jax.jit` of `rl_update` with explicit shardings; the state is donated. `grad_fn` replaces
+  the per-minibatch gradient (the shard_map variant, `rl_shard_map.shard_map_grad_fn`)."""
+  fn = lambda s, e, r: rl_update(s, e, r, algo=algo, models=models, policy_tx=policy_tx,  # noqa: E731
+                                 value_tx=value_tx, temperature=temperature, grad_fn=grad_fn)
   return jax.jit(fn, in_shardings=(shardings, experience_shardings(mesh, rules), replicated(mesh)),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def make_experience_fn(cfg: RLConfig, model_cfg: TransformerConfig, mesh, rules):
+def make_experience_fn(algo: AlgoConfig, models: RLModels, mesh, rules, *, temperature: float = 1.0):
   """`jax.jit` of `make_experience`; experience comes out batch-sharded."""
-  fn = lambda p, r, v, roll, s, k: make_experience(p, r, v, roll, s, k, cfg=cfg, model_cfg=model_cfg)
+  fn = lambda p, r, v, roll, s, k: make_experience(p, r, v, roll, s, k, algo=algo,  # noqa: E731
+                                                   models=models, temperature=temperature)
   return jax.jit(fn, out_shardings=(experience_shardings(mesh, rules), replicated(mesh)))

@@ -38,10 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rlhfjax.models.transformer import TransformerConfig
-from rlhfjax.parallel import replicated
-from rlhfjax.train.rl import (EXPERIENCE_FIELDS, Experience, RLConfig, RLState, _accumulate, _units,
-                              critic_loss, experience_shardings, policy_loss, rl_update)
+from rlhfjax.train.rl import (EXPERIENCE_FIELDS, AlgoConfig, Experience, RLModels, RLState, _accumulate,
+                              _units, critic_loss, make_rl_update, policy_loss)
 
 DATA = "data"
 
@@ -59,40 +57,44 @@ def _combine(metrics: dict, frac, axis: str) -> dict:
   return out
 
 
-def local_minibatch_grads(policy_params, value_params, kl_coef, mb: Experience, *, cfg: RLConfig,
-                          model_cfg: TransformerConfig, n_data: int, axis: str = DATA):
+def local_minibatch_grads(policy_params, value_params, kl_coef, mb: Experience, *, algo: AlgoConfig,
+                          models: RLModels, temperature: float, n_data: int, axis: str = DATA):
   """Per-device body: gradient of the local slice, weighted by its share of global units, psummed.
 
   Args:
     policy_params, value_params: replicated parameters (value None without a critic).
     kl_coef: scalar beta (replicated).
     mb: this device's slice of the minibatch, `[minibatch / n_data, ...]`.
-    cfg, model_cfg: static configs; n_data: size of the `data` axis.
+    algo, models, temperature: as `rl_update`; n_data: size of the `data` axis.
 
   Returns:
     (policy grads, value grads or None, metrics), all identical on every device.
   """
+  cfg = algo
   local_rows = mb.response_ids.shape[0]
   micro = cfg.microbatch_size // n_data if cfg.microbatch_size else 0
   n_micro = local_rows // micro if micro else 1
   units = _units(mb.response_mask, cfg.aggregation)
   total = jax.lax.psum(units, axis)
   frac = jnp.where(total > 0, units / jnp.maximum(total, 1e-30), 0.0)
-  pl = lambda p, m: policy_loss(p, m, kl_coef, cfg=cfg, model_cfg=model_cfg)  # noqa: E731
+  pl = lambda p, m: policy_loss(p, m, kl_coef, algo=algo, models=models,  # noqa: E731
+                                temperature=temperature)
   pgrads, metrics = _accumulate(pl, policy_params, mb, n_micro, units, cfg.aggregation)
   pgrads = jax.tree.map(lambda g: jax.lax.psum(frac * g, axis), pgrads)
   vgrads = None
   if cfg.separate_critic:
-    vl = lambda p, m: critic_loss(p, m, cfg=cfg, model_cfg=model_cfg)  # noqa: E731
+    vl = lambda p, m: critic_loss(p, m, algo=algo, models=models)  # noqa: E731
     vgrads, vmetrics = _accumulate(vl, value_params, mb, n_micro, units, cfg.aggregation)
     vgrads = jax.tree.map(lambda g: jax.lax.psum(frac * g, axis), vgrads)
     metrics.update(vmetrics)
   return pgrads, vgrads, _combine(metrics, frac, axis)
 
 
-def shard_map_grad_fn(cfg: RLConfig, model_cfg: TransformerConfig, mesh, axis: str = DATA):
+def shard_map_grad_fn(algo: AlgoConfig, models: RLModels, mesh, *, temperature: float = 1.0,
+                      axis: str = DATA):
   """A `grad_fn(state, minibatch)` for `rl_update` that runs `local_minibatch_grads` under
   `jax.shard_map` over `axis` (batch split, parameters replicated, explicit psum)."""
+  cfg = algo
   n_data = mesh.shape[axis]
   if cfg.minibatch_size % n_data:
     raise ValueError(f"rl.minibatch_size={cfg.minibatch_size} must be a multiple of the data axis "
@@ -100,8 +102,8 @@ def shard_map_grad_fn(cfg: RLConfig, model_cfg: TransformerConfig, mesh, axis: s
   if cfg.microbatch_size and cfg.microbatch_size % n_data:
     raise ValueError(f"rl.microbatch_size={cfg.microbatch_size} must be a multiple of the data axis "
                      f"size {n_data} for the shard_map update")
-  body = functools.partial(local_minibatch_grads, cfg=cfg, model_cfg=model_cfg, n_data=n_data,
-                           axis=axis)
+  body = functools.partial(local_minibatch_grads, algo=algo, models=models, temperature=temperature,
+                           n_data=n_data, axis=axis)
   mb_spec = Experience(**{k: P(axis) for k in EXPERIENCE_FIELDS})
   # check_vma=False: parameters are replicated inputs whose per-device gradients we sum ourselves
   # (with the varying-axes checker on, JAX would insert that psum in the transpose automatically).
@@ -114,12 +116,10 @@ def shard_map_grad_fn(cfg: RLConfig, model_cfg: TransformerConfig, mesh, axis: s
   return grad_fn
 
 
-def make_rl_update_shard_map(cfg: RLConfig, model_cfg: TransformerConfig, policy_tx, value_tx,
-                             shardings, mesh, rules):
+def make_rl_update_shard_map(algo: AlgoConfig, models: RLModels, policy_tx, value_tx, shardings, mesh,
+                             rules, *, temperature: float = 1.0):
   """`jax.jit` of `rl_update` whose minibatch gradients come from the shard_map body; same
   signature, shardings and donation as `rlhfjax.train.rl.make_rl_update`."""
-  grad_fn = shard_map_grad_fn(cfg, model_cfg, mesh)
-  fn = lambda s, e, r: rl_update(s, e, r, cfg=cfg, model_cfg=model_cfg, policy_tx=policy_tx,  # noqa: E731
-                                 value_tx=value_tx, grad_fn=grad_fn)
-  return jax.jit(fn, in_shardings=(shardings, experience_shardings(mesh, rules), replicated(mesh)),
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  grad_fn = shard_map_grad_fn(algo, models, mesh, temperature=temperature)
+  return make_rl_update(algo, models, policy_tx, value_tx, shardings, mesh, rules,
+                        temperature=temperature, grad_fn=grad_fn)

@@ -1,20 +1,24 @@
-"""Supervised fine-tuning: next-token loss on response tokens only, one jitted sharded step."""
+"""Supervised fine-tuning: next-token loss on response tokens only, one jitted sharded step, and the
+`sft` stage (the driver in `rlhfjax.train.stage` runs it)."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlhfjax.config import to_dataclass
 from rlhfjax.models.heads import PolicyModel
 from rlhfjax.models.sequence import token_logprobs
 from rlhfjax.models.transformer import TransformerConfig
-from rlhfjax.parallel import batch_sharding, replicated
-from rlhfjax.train.state import OptimConfig, TrainState
+from rlhfjax.parallel import batch_sharding, replicated, shard_batch
+from rlhfjax.train.stage import Stage, register_stage
+from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
+                                 state_shardings)
 
 SFT_BATCH_KEYS = ("tokens", "mask", "positions", "loss_mask")
 
@@ -90,26 +94,88 @@ def select(batch: dict, keys=SFT_BATCH_KEYS) -> dict:
   return {k: batch[k] for k in keys}
 
 
-class Throughput:
-  """Tokens/s between calls (host wall time)."""
-
-  def __init__(self):
-    self.t, self.tokens = time.perf_counter(), 0.0
-
-  def add(self, tokens: float):
-    self.tokens += tokens
-
-  def rate(self) -> float:
-    now = time.perf_counter()
-    r = self.tokens / max(now - self.t, 1e-9)
-    self.t, self.tokens = now, 0.0
-    return float(r)
+def heldout_loss(run, params, eval_loss, batch_size: int, n_examples: int) -> float:
+  """Mean SFT loss over the first `n_examples` held-out examples, in fixed-shape batches."""
+  from rlhfjax.data import collate_sft
+  d = run.config.data
+  exs = [run.test_examples[i] for i in range(min(n_examples, len(run.test_examples)))]
+  exs = exs[: max(batch_size, len(exs) // batch_size * batch_size)]
+  losses = []
+  for i in range(0, len(exs) - batch_size + 1, batch_size):
+    batch = collate_sft(exs[i:i + batch_size], run.tokenizer, d.max_prompt_len, d.max_response_len)
+    losses.append(float(eval_loss(params, select(batch))["loss"]))
+  return float(np.mean(losses))
 
 
-def check_finite(values: dict, stage: str, step: int, last_good: int | None, ckpt_dir: str):
-  """Stop on a non-finite loss with one line naming the step and the last good checkpoint."""
-  for k, v in values.items():
-    if not np.all(np.isfinite(np.asarray(v))):
-      where = f"step {last_good} in {ckpt_dir}" if last_good is not None else "none saved yet"
-      raise FloatingPointError(f"{stage}: non-finite {k} at step {step}; stopped without saving; "
-                               f"last good checkpoint: {where}")
+@register_stage("sft")
+class SFTStage(Stage):
+  """Imitate the data's demonstrations (`config.sft`); eval: held-out accuracy and loss."""
+
+  finite_keys = ("loss", "grad_norm", "param_norm")
+  rate_name = "tokens_per_s"
+  progress_keys = ("loss", "tokens_per_s")
+  samples_name = "sft"
+
+  def __init__(self, run):
+    super().__init__(run)
+    self.cfg = cfg = to_dataclass(SFTConfig, run.config.sft)
+    self.total_steps, self.log_every, self.eval_every = cfg.steps, cfg.log_every, cfg.eval_every
+    self.checkpoint_every, self.keep_checkpoints = cfg.checkpoint_every, cfg.keep_checkpoints
+    self.tx = make_optimizer(cfg.optim(), cfg.steps)
+    self.module = PolicyModel(run.model_cfg)
+    self.eval_rng = jax.random.key(run.seed + 1)
+    self.eval_loss = make_eval_loss(run.model_cfg)
+    from rlhfjax.data import DataIterator, collate_sft
+    d = run.config.data
+    collate = functools.partial(collate_sft, tokenizer=run.tokenizer, max_prompt_len=d.max_prompt_len,
+                                max_response_len=d.max_response_len)
+    self.data = DataIterator(run.train_examples, cfg.batch_size // jax.process_count(), seed=run.seed,
+                             collate=collate)
+
+  def state_spec(self):
+    return state_shardings(self.module, self.tx, self.run.mesh, self.run.rules)
+
+  def init_state(self):
+    return create_train_state(self.module, self.tx, jax.random.key(self.run.seed), self.run.mesh,
+                              self.run.rules)[0]
+
+  def start(self, state):
+    _, shardings = self.state_spec()
+    self.step_fn = make_sft_step(self.run.model_cfg, self.tx, shardings, self.run.mesh, self.run.rules)
+
+  def host_state(self):
+    return self.data.get_state()
+
+  def set_host_state(self, host_state):
+    self.data.set_state(host_state)
+
+  def step(self, state, step):
+    batch = select(next(self.data))
+    state, metrics = self.step_fn(state, shard_batch(batch, self.run.mesh, self.run.rules))
+    return state, metrics, float(np.sum(batch["mask"]))
+
+  def evaluate(self, state):
+    """Greedy and sampled accuracy on the first `eval_examples` held-out problems, held-out loss."""
+    from rlhfjax.rewards import math_reward
+    from rlhfjax.sampling.completions import generate_completions
+    run, n, d = self.run, self.cfg.eval_examples, self.run.config.data
+    examples = [run.test_examples[i] for i in range(min(n, len(run.test_examples)))]
+    questions, answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
+    out, samples = {}, []
+    for name, greedy in (("greedy", True), ("sampled", False)) if examples else ():
+      texts = generate_completions(state.params, run.model_cfg, run.tokenizer, questions,
+                                   max_prompt_len=d.max_prompt_len, max_new_tokens=d.max_response_len,
+                                   batch_size=run.config.eval.batch_size, rng=self.eval_rng,
+                                   greedy=greedy, temperature=run.config.eval.temperature)
+      correct = math_reward(texts, answers)
+      out[f"accuracy_{name}"] = float(np.mean(correct))
+      if greedy:
+        samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c))
+                   for q, t, a, c in zip(questions, texts, answers, correct)][:32]
+    out["heldout_loss"] = heldout_loss(run, state.params, self.eval_loss, run.config.eval.batch_size, n)
+    return out, samples
+
+  def result(self, state, result):
+    result["steps"] = self.cfg.steps
+    return result
+

@@ -1,18 +1,21 @@
-"""`python -m rlhfjax.bench rm_score`: reward-model scoring throughput and FLOP/s vs the matmul peak.
+"""`rm_score`: reward-model scoring throughput and FLOP/s vs the matmul peak.
 
-`bench_rm_score` has the signature of the functions in `rlhfjax.bench.BENCHES` (keyword `peak` from
-`bench.matmul_peak`, the shared flags as keywords) and returns the same row dict, plus
-`responses_per_s`. It times the jitted `rlhfjax.train.reward.score` (or `ensemble_score` with
-`--ensemble N`) on random full-length sequences, batch sharded over the mesh's data axes.
+Times the jitted `rlhfjax.rewards.scorers.score` (or `ensemble_score` with `--ensemble N`) on random
+full-length sequences, batch sharded over the mesh's data axes; the row dict gains `responses_per_s`.
 
 FLOPs: a forward pass over `batch x seq` tokens (`TransformerConfig.forward_flops_per_token(seq,
 lm_head=False)` plus the [D] -> 1 head; the head is applied at every position), times N members.
+
+    python -m rlhfjax.bench rm_score                   # d256 L4 B64 T256
+    python -m rlhfjax.bench rm_score --ensemble=4 --devices=all
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+
+from rlhfjax.bench.common import bench_model_config, make_mesh, result, time_calls
 
 
 def bench_rm_score(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: int = 8192,
@@ -21,15 +24,12 @@ def bench_rm_score(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: 
   """Responses scored per second by the reward model (compile excluded)."""
   import jax
   import jax.numpy as jnp
-
-  from rlhfjax.bench import _mesh, _peak_for, _time_calls, bench_model_config
-  from rlhfjax.models.heads import RewardModel
-  from rlhfjax.models.init import init_params
+  from rlhfjax.models import RewardModel, init_params
   from rlhfjax.parallel import replicated, shard_batch
-  from rlhfjax.train.reward import ensemble_score, score
+  from rlhfjax.rewards.scorers import ensemble_score, score
 
   cfg = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers, max_len=seq, dtype=dtype)
-  mesh = _mesh(devices)
+  mesh = make_mesh(devices)
   keys = jax.random.split(jax.random.key(0), ensemble)
   if ensemble > 1:
     params = jax.vmap(lambda k: init_params(RewardModel(cfg), k))(keys)
@@ -43,12 +43,10 @@ def bench_rm_score(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: 
   t = time.perf_counter()
   jax.block_until_ready(fn(params, tokens, mask))  # compile + warm up
   compile_s = time.perf_counter() - t
-  sec = statistics.median(_time_calls(lambda: fn(params, tokens, mask), steps))
+  sec = statistics.median(time_calls(lambda: fn(params, tokens, mask), steps))
   per_token = cfg.forward_flops_per_token(seq, lm_head=False) + 2 * d_model  # [D] -> 1 reward head
-  achieved = ensemble * batch * seq * per_token / sec
-  return {"bench": "rm_score",
-          "config": f"d{d_model} L{n_layers} B{batch} T{seq} {dtype}" + (f" N{ensemble}" if ensemble > 1 else ""),
-          "params": cfg.num_params() * ensemble, "tokens_per_s": batch * seq / sec,
-          "responses_per_s": batch / sec, "flops_per_s": achieved,
-          "peak_flops_per_s": _peak_for(peak, dtype), "ratio": achieved / _peak_for(peak, dtype),
-          "step_s": sec, "compile_s": compile_s, "memory": {}}
+  return result("rm_score",
+                f"d{d_model} L{n_layers} B{batch} T{seq} {dtype}" + (f" N{ensemble}" if ensemble > 1 else ""),
+                params=cfg.num_params() * ensemble, tokens_per_s=batch * seq / sec,
+                flops_per_s=ensemble * batch * seq * per_token / sec, peak=peak, dtype=dtype,
+                step_s=sec, compile_s=compile_s, responses_per_s=batch / sec)

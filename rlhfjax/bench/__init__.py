@@ -1,0 +1,129 @@
+"""Throughput and MFU of the performance-critical paths, as Markdown table rows.
+
+    python -m rlhfjax.bench all                          # matmul peak, then every bench in BENCHES
+    python -m rlhfjax.bench sft --d_model=1024 --n_layers=16 --seq=1024 --batch=16 --dtype=bfloat16
+    python -m rlhfjax.bench sample --batch=64 --new_tokens=256 --devices=all
+    python -m rlhfjax.bench rl_step --algo grpo          # seconds per RL iteration split by phase
+    python -m rlhfjax.bench ppo_update --epochs=4 --minibatch=4 --variant=shard_map
+    python -m rlhfjax.bench rm_score --ensemble=4
+
+Every run first measures the machine's matmul peak *in the same process* (a jitted square matmul
+timed after warmup), and reports achieved FLOP/s as a ratio of it ("MFU vs measured matmul peak"):
+on a shared CPU the absolute numbers move with the load, the ratio much less.
+
+Every bench is registered here, in `BENCHES` (name -> function); `all` runs them all, in that
+order. A bench is a function `bench_x(*, peak, **flags) -> row dict` (`common.result`): `peak` is
+`matmul_peak()`'s dict, the flags are the command line's, keywords a bench does not take are ignored.
+The benches live in submodules that import only `rlhfjax.bench.common`, never this package:
+  * lm.py: sample (`sampling.generate`), sft (the jitted SFT step);
+  * rl.py: rl_step (one RL iteration, by phase), ppo_update (the jitted PPO update);
+  * rm.py: rm_score (reward-model scoring);
+  * common.py: timing, the matmul peak, the standard model shape, meshes, compiled memory.
+Each module's docstring says how its FLOPs are counted. Defaults are sized for a 2-core CPU; raise
+them with flags (`--batch`, `--seq`, `--d_model`, ...) on an accelerator. Heavy imports (JAX, Flax,
+optax) happen inside the functions so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from rlhfjax.bench.common import matmul_peak
+from rlhfjax.bench.lm import bench_sample, bench_sft
+from rlhfjax.bench.rl import bench_ppo_update, bench_rl_step
+from rlhfjax.bench.rm import bench_rm_score
+
+__all__ = ["BENCHES", "HEADER", "main", "matmul_peak", "memory_line", "peak_rows", "row"]
+
+BENCHES: dict[str, Callable[..., dict]] = {
+    "sample": bench_sample,
+    "sft": bench_sft,
+    "rl_step": bench_rl_step,
+    "ppo_update": bench_ppo_update,
+    "rm_score": bench_rm_score,
+}
+
+
+def _si(x: float, unit: str = "") -> str:
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= scale:
+      return f"{x / scale:.3g} {prefix}{unit}"
+  return f"{x:.3g} {unit}"
+
+
+HEADER = ("| bench | config | params | tokens/s | achieved FLOP/s | matmul peak FLOP/s | "
+          "MFU vs measured peak | step | compile |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def row(r: dict) -> str:
+  return (f"| {r['bench']} | {r['config']} | {_si(r['params'])} | {r['tokens_per_s']:,.0f} | "
+          f"{_si(r['flops_per_s'], 'FLOP/s')} | {_si(r['peak_flops_per_s'], 'FLOP/s')} | "
+          f"{100 * r['ratio']:.1f}% | {1e3 * r['step_s']:.0f} ms | {r['compile_s']:.1f} s |")
+
+
+def peak_rows(peak: dict) -> list[str]:
+  return [f"| matmul | {peak['n']}x{peak['n']} {dt} ({peak['platform']}) | | | {_si(v, 'FLOP/s')} | "
+          f"{_si(v, 'FLOP/s')} | 100% | {1e3 * 2 * peak['n'] ** 3 / v:.1f} ms | |"
+          for dt, v in peak.items() if dt not in ("n", "platform")]
+
+
+def memory_line(r: dict) -> str | None:
+  if not r["memory"]:
+    return None
+  return f"{r['bench']} compiled memory: " + ", ".join(
+      f"{k.replace('_size_in_bytes', '')}={v / 2**20:.1f} MiB" for k, v in r["memory"].items())
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m rlhfjax.bench",
+                              description="rlhfjax throughput / MFU benchmarks (Markdown rows).")
+  p.add_argument("which", choices=[*BENCHES, "all"], help="one bench, or all of them in order")
+  p.add_argument("--d_model", type=int)
+  p.add_argument("--n_layers", type=int)
+  p.add_argument("--vocab", type=int, help="vocabulary (rl_step: its own tokenizer's)")
+  p.add_argument("--batch", type=int, help="sequences (rl_step: prompts)")
+  p.add_argument("--seq", type=int, help="sft, ppo_update, rm_score: sequence length")
+  p.add_argument("--prompt", type=int, help="sample, ppo_update: prompt length")
+  p.add_argument("--new_tokens", type=int, help="sample, rl_step: tokens generated per row")
+  p.add_argument("--steps", type=int, help="timed calls after one warm-up call (median reported)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model compute dtype")
+  p.add_argument("--devices", choices=["one", "all"], help="one-device mesh (default) or all devices")
+  p.add_argument("--remat", action="store_true", default=None,
+                 help="sft, ppo_update: rematerialize layers")
+  p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
+  p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "reinforce_pp", "best_of_n"],
+                 help="rl_step: the RL algorithm")
+  p.add_argument("--group", type=int, help="rl_step: samples per prompt (--batch = prompts)")
+  p.add_argument("--epochs", type=int, help="rl_step, ppo_update: passes over the batch")
+  p.add_argument("--minibatch", type=int, help="rl_step, ppo_update: rows per optimizer step "
+                                               "(default: the whole batch)")
+  p.add_argument("--microbatch", type=int, help="rl_step, ppo_update: gradient-accumulation chunk")
+  p.add_argument("--variant", choices=["jit", "shard_map"],
+                 help="rl_step, ppo_update: the jitted update or its shard_map variant")
+  p.add_argument("--ensemble", type=int, help="rm_score: reward-model ensemble members")
+  return p
+
+
+def main(argv=None) -> list[dict]:
+  """Parse `argv` (default: sys.argv), print the Markdown rows, return the row dicts."""
+  args = parser().parse_args(argv)
+  overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("which", "matmul_n")}
+
+  import jax
+  peak = matmul_peak(args.matmul_n)
+  print(f"<!-- {jax.devices()[0].device_kind}, {jax.device_count()} device(s), jax {jax.__version__} -->")
+  print(HEADER)
+  for line in peak_rows(peak):
+    print(line, flush=True)
+  results = []
+  for name in (list(BENCHES) if args.which == "all" else [args.which]):
+    r = BENCHES[name](peak=peak, **overrides)
+    results.append(r)
+    print(row(r), flush=True)
+  for r in results:
+    if line := memory_line(r):
+      print(line)
+    for line in r.get("lines", ()):
+      print(line)
+  return results

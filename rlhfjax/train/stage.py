@@ -1,0 +1,265 @@
+"""The one host loop: a `Stage` declares its state, step, eval and result; `run_stage` drives it.
+
+The driver owns everything the stages share:
+
+  * resume-or-init: the stage's own latest checkpoint (exact: state, data position, the "before"
+    eval), else a fresh state (which a stage builds from an earlier stage's parameters, restored
+    from *that* stage's final checkpoint by `stage_params` when this process did not train it);
+  * cadence: metrics every `log_every` steps (one device->host transfer per interval, averaged),
+    eval every `eval_every`, checkpoints every `checkpoint_every` and a final one after `finalize`;
+  * finite checks before any save (one line naming the step and the last good checkpoint);
+  * throughput, the progress bar, metrics / samples to the run's writer;
+  * the result dict: `before_<k>` / `after_<k>` of the stage's eval plus the stage's own numbers.
+
+A checkpoint at step `total_steps` is always the stage's final one (the loop saves only before
+it), so a finished stage resumes instantly and an unfinished one from where it stopped.
+
+Adding a stage: subclass `Stage`, implement the hooks, `@register_stage("name")`, and import its
+module in `rlhfjax.train.pipeline.STAGE_MODULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+log = logging.getLogger("rlhfjax")
+
+
+@dataclasses.dataclass
+class Run:
+  """What every stage of one `train_and_evaluate` shares."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: Any
+  model_cfg: Any  # TransformerConfig of the run's built-in transformer
+  mesh: Any
+  rules: tuple
+  writer: Any  # rlhfjax.metrics.MetricsWriter
+  train_examples: Any
+  test_examples: Any
+  results: dict = dataclasses.field(default_factory=dict)  # stage -> summary numbers
+  params: dict = dataclasses.field(default_factory=dict)  # stage -> final parameters
+
+  def ckpt_dir(self, stage: str) -> str:
+    return os.path.join(self.workdir, "checkpoints", stage)
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.seed)
+
+
+class Stage:
+  """A training stage. `__init__` only reads config (cheap: `stage_params` builds stages to read
+  their checkpoints); the hooks do the work. Cadence attributes are set by subclasses."""
+
+  name: str = ""
+  total_steps: int = 0
+  log_every: int = 1
+  eval_every: int = 0  # 0 = before and after only
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  finite_keys: tuple[str, ...] = ("loss",)  # metrics that must be finite before any save
+  rate_name: str | None = None  # throughput metric of the step's `units` (e.g. "tokens_per_s")
+  progress_keys: tuple[str, ...] = ("loss",)  # metrics shown on the progress bar
+  samples_name: str | None = None  # samples.jsonl stage of the final eval's samples (None: <name>_eval)
+
+  def __init__(self, run: Run):
+    self.run = run
+    self.meta: dict = {}  # the checkpoint meta (set by the driver)
+
+  # -- state
+  def state_spec(self) -> tuple[Any, Any]:
+    """(abstract state, its shardings) for restoring a checkpoint."""
+    raise NotImplementedError
+
+  def init_state(self) -> Any:
+    """A fresh sharded state (called only when the stage has no checkpoint)."""
+    raise NotImplementedError
+
+  def params_of(self, state) -> Any:
+    """The parameters later stages take from this one."""
+    return state.params
+
+  # -- the loop
+  def prepare(self) -> None:
+    """Work needed before init or resume (data, labels, ...). Called once."""
+
+  def start(self, state) -> None:
+    """Compile the steps, build iterators; called once the state exists (fresh or restored)."""
+
+  def host_state(self) -> Any:
+    """Host-side state the checkpoint carries besides the device state (JSON): the data
+    position, running histories. Restored with `set_host_state` on resume."""
+    return None
+
+  def set_host_state(self, host_state) -> None:
+    del host_state
+
+  def step(self, state, step: int) -> tuple[Any, dict, float | None]:
+    """One step `step` (1-based): (new state, metrics — device arrays welcome —, work units)."""
+    raise NotImplementedError
+
+  def finalize(self, state) -> tuple[Any, dict]:
+    """After the last step, before the final checkpoint: (state, extra checkpoint meta)."""
+    return state, {}
+
+  # -- evaluation and results
+  def evaluate(self, state) -> tuple[dict, list]:
+    """(scalar metrics, sample rows) on held-out data."""
+    return {}, []
+
+  def initial_extras(self) -> dict:
+    """Scalars logged with the first eval and added to the result (e.g. the teacher's accuracy)."""
+    return {}
+
+  def result(self, state, result: dict) -> dict:
+    """The stage's own numbers added to `before_*` / `after_*` (`result`, modified in place);
+    `self.meta` is the final checkpoint's meta."""
+    return result
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(name: str):
+  def deco(cls: type[Stage]):
+    cls.name = name
+    STAGES[name] = cls
+    return cls
+  return deco
+
+
+class Throughput:
+  """Work units per second between calls (host wall time)."""
+
+  def __init__(self):
+    self.t, self.units = time.perf_counter(), 0.0
+
+  def add(self, units: float):
+    self.units += units
+
+  def rate(self) -> float:
+    now = time.perf_counter()
+    r = self.units / max(now - self.t, 1e-9)
+    self.t, self.units = now, 0.0
+    return float(r)
+
+
+def check_finite(values: dict, stage: str, step: int, last_good: int | None, ckpt_dir: str):
+  """Stop on a non-finite loss with one line naming the step and the last good checkpoint."""
+  for k, v in values.items():
+    if not np.all(np.isfinite(np.asarray(v))):
+      where = f"step {last_good} in {ckpt_dir}" if last_good is not None else "none saved yet"
+      raise FloatingPointError(f"{stage}: non-finite {k} at step {step}; stopped without saving; "
+                               f"last good checkpoint: {where}")
+
+
+def _average(host: list[dict]) -> dict:
+  return {k: float(np.mean([np.mean(m[k]) for m in host])) for k in host[-1]}
+
+
+def run_stage(run: Run, stage: Stage) -> dict:
+  """Resume or init `stage`, train it to `total_steps`, evaluate; returns its result dict."""
+  import jax
+
+  from rlhfjax.checkpoint import Checkpointer, abstract_like
+  from rlhfjax.metrics import ProgressBar
+  name, total = stage.name, stage.total_steps
+  stage.prepare()
+  total = stage.total_steps  # prepare may size the stage (e.g. epochs over the data it built)
+  ckpt_dir = run.ckpt_dir(name)
+  # closing waits for in-flight async saves, also when training stops on an error (NaN)
+  with Checkpointer(ckpt_dir, max_to_keep=stage.keep_checkpoints) as ckpt:
+    start = ckpt.latest_step()
+    if start is not None:
+      abstract, shardings = stage.state_spec()
+      state, meta = ckpt.restore(abstract_like(abstract, shardings))
+      stage.set_host_state(meta.get("data"))
+      log.info("%s: resumed at step %d in %s", name, start, ckpt_dir)
+    else:
+      start = 0
+      state = stage.init_state()
+      before, _ = stage.evaluate(state)
+      extras = stage.initial_extras()
+      meta = {"before": before, "extras": extras}
+      run.writer.write(f"{name}_eval", 0, {**before, **extras})
+    stage.meta = meta
+    finished = start >= total
+    stage.start(state)
+
+    if not finished:
+      bar = ProgressBar(total, name, initial=start)
+      speed = Throughput()
+      pending: list = []
+      last_good = ckpt.latest_step()
+      for step in range(start + 1, total + 1):
+        state, metrics, units = stage.step(state, step)
+        pending.append(metrics)
+        if units is not None:
+          speed.add(units)
+        save = step % stage.checkpoint_every == 0 and step < total
+        if step % stage.log_every == 0 or save or step == total:  # one transfer per interval
+          host = jax.device_get(pending)
+          pending = []
+          for i, m in enumerate(host):
+            check_finite({k: m[k] for k in stage.finite_keys if k in m}, name,
+                         step - len(host) + 1 + i, last_good, ckpt_dir)
+          avg = _average(host)
+          if stage.rate_name:
+            avg[stage.rate_name] = speed.rate()
+          run.writer.write(name, step, avg)
+          bar.update(step, **{k: avg[k] for k in stage.progress_keys if k in avg})
+        if stage.eval_every and step % stage.eval_every == 0 and step < total:
+          run.writer.write(f"{name}_eval", step, stage.evaluate(state)[0])
+        if save:
+          ckpt.save(step, state, {**meta, "data": stage.host_state(), "stage": name}, force=True)
+          last_good = step
+      bar.close()
+      state, extra_meta = stage.finalize(state)
+      meta.update(extra_meta)
+      ckpt.save(total, state, {**meta, "data": stage.host_state(), "stage": name, "finished": True},
+                force=True)
+
+  after, samples = stage.evaluate(state)
+  run.writer.write(f"{name}_eval", total, after)
+  if samples:
+    run.writer.write_samples(stage.samples_name or f"{name}_eval", total, samples)
+  run.params[name] = stage.params_of(state)
+  result = {f"before_{k}": v for k, v in meta.get("before", {}).items()}
+  result.update({f"after_{k}": v for k, v in after.items()})
+  result.update(meta.get("extras", {}))
+  return stage.result(state, result)
+
+
+def stage_params(run: Run, name: str):
+  """Final parameters of an earlier stage: from this process, or restored from its final
+  checkpoint in the workdir (a one-line error when that stage has not finished there)."""
+  if name in run.params:
+    return run.params[name]
+  from rlhfjax.checkpoint import Checkpointer, abstract_like
+  if name not in STAGES:
+    raise ValueError(f"unknown stage {name!r}; valid: {sorted(STAGES)}")
+  stage = STAGES[name](run)
+  ckpt_dir = run.ckpt_dir(name)
+  with Checkpointer(ckpt_dir) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"this stage needs the '{name}' stage's parameters: none in this run "
+                              f"and no checkpoint in {ckpt_dir}; put '{name}' before it in "
+                              "config.stages")
+    abstract, shardings = stage.state_spec()
+    state, meta = ckpt.restore(abstract_like(abstract, shardings))
+  if not (meta.get("finished") or meta.get("normalized") or 0 < stage.total_steps <= step):
+    raise ValueError(f"the '{name}' stage in {run.workdir} has not finished (latest checkpoint: "
+                     f"step {step}); put '{name}' before it in config.stages to complete it")
+  log.info("%s parameters from step %d of %s", name, step, ckpt_dir)
+  run.params[name] = stage.params_of(state)
+  return run.params[name]
