@@ -42,13 +42,6 @@ def to_dataclass(cls: type[T], section: ml_collections.ConfigDict | dict, **over
   return cls(**fixed)
 
 
-def check_keys(config: ml_collections.ConfigDict, path: str, valid: set[str]) -> None:
-  """Raise a one-line error if `config` (at `path`) has keys outside `valid`."""
-  extra = sorted(set(config.keys()) - valid)
-  if extra:
-    raise ValueError(f"config.{path}: unknown key(s) {extra}; valid: {sorted(valid)}")
-
-
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 

@@ -223,12 +223,6 @@ class RMStage(Stage):
     self.step_fn = make_reward_step(self.run.model_cfg, self.tx, self.cfg.loss(), shardings,
                                     self.run.mesh, self.run.rules, ensemble=self.ensemble)
 
-  def host_state(self):
-    return self.data.get_state()
-
-  def set_host_state(self, host_state):
-    self.data.set_state(host_state)
-
   def step(self, state, step):
     batch = next(self.data)
     batch = {key: batch[key] for key in RM_BATCH_KEYS}

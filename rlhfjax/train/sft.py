@@ -143,12 +143,6 @@ class SFTStage(Stage):
     _, shardings = self.state_spec()
     self.step_fn = make_sft_step(self.run.model_cfg, self.tx, shardings, self.run.mesh, self.run.rules)
 
-  def host_state(self):
-    return self.data.get_state()
-
-  def set_host_state(self, host_state):
-    self.data.set_state(host_state)
-
   def step(self, state, step):
     batch = select(next(self.data))
     state, metrics = self.step_fn(state, shard_batch(batch, self.run.mesh, self.run.rules))

@@ -74,6 +74,7 @@ class Stage:
   def __init__(self, run: Run):
     self.run = run
     self.meta: dict = {}  # the checkpoint meta (set by the driver)
+    self.data = None  # the stage's DataIterator, if it has one
 
   # -- state
   def state_spec(self) -> tuple[Any, Any]:
@@ -96,12 +97,13 @@ class Stage:
     """Compile the steps, build iterators; called once the state exists (fresh or restored)."""
 
   def host_state(self) -> Any:
-    """Host-side state the checkpoint carries besides the device state (JSON): the data
-    position, running histories. Restored with `set_host_state` on resume."""
-    return None
+    """Host-side state the checkpoint carries besides the device state (JSON): by default the
+    position of `self.data` (a `DataIterator`), if any. Restored with `set_host_state`."""
+    return self.data.get_state() if self.data is not None else None
 
   def set_host_state(self, host_state) -> None:
-    del host_state
+    if self.data is not None:
+      self.data.set_state(host_state)
 
   def step(self, state, step: int) -> tuple[Any, dict, float | None]:
     """One step `step` (1-based): (new state, metrics — device arrays welcome —, work units)."""
