@@ -32,7 +32,8 @@ def test_ppo_stage_and_kill9_resume_is_exact(tmp_path, cli, kill9):
   shutil.copytree(base, killed)
   shutil.copytree(base, tmp_path / "shared")
 
-  cmd, env = cli(TINY, full)
+  # ppo alone: policy / reference from checkpoints/sft, reward model and critic trunk from checkpoints/rm
+  cmd, env = cli(TINY, full, "--config.stages=ppo")
   subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT, timeout=600)
   res = json.load(open(full / "results.json"))["ppo"]
   assert res["algo"] == "ppo" and res["iterations"] == 6 and res["value_init"] == "rm"

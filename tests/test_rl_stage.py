@@ -39,8 +39,11 @@ def _tiny_rl_config():
 
 def test_sft_then_rl_writes_metrics_and_resumes(tmp_path):
   config = _tiny_rl_config()
-  results = train_and_evaluate(config, str(tmp_path))
-  rl = results["rl"]
+  config.stages = "sft"
+  train_and_evaluate(config, str(tmp_path))
+  # the rl stage alone: policy and reference restored from the finished sft stage's checkpoint
+  config.stages = "rl"
+  rl = train_and_evaluate(config, str(tmp_path))["rl"]
   assert rl["algo"] == "grpo" and rl["iterations"] == 2
   for key in ("before_accuracy_greedy", "after_accuracy_greedy", "after_pass@2", "after_maj@2",
               "after_accuracy_sampled", "teacher_accuracy", "after_flaw_class_fraction"):
@@ -56,6 +59,7 @@ def test_sft_then_rl_writes_metrics_and_resumes(tmp_path):
   assert os.path.exists(tmp_path / "plots" / "rl.png")
 
   # A finished stage resumes at the end: no new iterations, same final numbers.
+  config.stages = "sft,rl"
   again = train_and_evaluate(config, str(tmp_path))
   assert again["rl"]["after_accuracy_greedy"] == rl["after_accuracy_greedy"]
   assert again["rl"]["teacher_accuracy"] == rl["teacher_accuracy"]
@@ -108,3 +112,10 @@ def test_best_of_n_tied_groups_give_no_signal():
   # group [0, 1, 0, 0], k=2: only the right one is positive (a wrong answer is never "2nd best");
   # the bottom 2 (wrong) are negative; tied groups give nothing
   np.testing.assert_array_equal(adv, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, -1, -1])
+
+
+def test_a_stage_without_its_inputs_is_one_clear_error(tmp_path):
+  config = _tiny_rl_config()
+  config.stages = "rl"
+  with pytest.raises(FileNotFoundError, match=r"needs the 'sft' stage's parameters: .*put 'sft' before"):
+    train_and_evaluate(config, str(tmp_path))
