@@ -82,3 +82,18 @@ def test_pyproject_lists_every_package():
            if "__pycache__" not in p}
   assert set(tool["packages"]) == found | {"rlhfjax.experiments"}
   assert tool["package-dir"] == {"rlhfjax.experiments": "experiments"}
+
+
+def test_moved_rl_keys_keep_working_or_name_their_new_place():
+  import ml_collections
+
+  from rlhfjax.config import check_moved_keys, rewrite_moved_flags
+  argv, notes = rewrite_moved_flags(["main", "--config.rl.iterations=5", "--config.rl.algo=ppo",
+                                     "--config.rl.temperature=0.7"])
+  assert argv == ["main", "--config.rl_loop.iterations=5", "--config.rl.algo=ppo",
+                  "--config.rl_sampling.temperature=0.7"]
+  assert notes == ["note: config.rl.iterations is now config.rl_loop.iterations",
+                   "note: config.rl.temperature is now config.rl_sampling.temperature"]
+  old = ml_collections.ConfigDict({"rl": {"algo": "grpo", "learning_rate": 1e-4}})
+  with pytest.raises(ValueError, match=r"config.rl.learning_rate moved to config.rl_optim.learning_rate"):
+    check_moved_keys(old)
