@@ -188,7 +188,7 @@ class PPOStage(RLStage):
       result["gold_gain"] = gain
       result["gold_gain_in_sft_std"] = gain / max(result["before_gold_std"], 1e-8)
     result["kl_target"] = algo.kl_target if algo.adaptive_kl else None
-    kls = self.kl_history
+    kls = [float(x) for x in jax.device_get(self.kl_history)]
     if kls:  # KL(policy || reference) of the last tenth of the iterations' rollouts
       result["kl_seq_mean"] = float(np.mean(kls[-max(1, len(kls) // 10):]))
     result["ensemble_size"] = int(get_field(run.config, "rm").ensemble_size) if self.ensemble else 1

@@ -211,7 +211,7 @@ class RLStage(Stage):
                              seed=run.seed + 17, collate=None)
     self.rng = jax.random.key(run.seed + 3)
     self.eval_rng = jax.random.key(run.seed + 4)
-    self.kl_history: list[float] = []  # KL(policy || reference) per iteration, nats per sequence
+    self.kl_history: list = []  # KL(policy || reference) per iteration, nats per sequence
 
   # -- hooks for subclasses
   def make_models(self) -> RLModels:
@@ -259,6 +259,7 @@ class RLStage(Stage):
                                  run.rules, temperature=s.temperature)
 
   def host_state(self):
+    self.kl_history = [float(x) for x in jax.device_get(self.kl_history)]
     return {"data": self.data.get_state(), "kl_seq": self.kl_history}
 
   def set_host_state(self, host_state):
@@ -296,8 +297,10 @@ class RLStage(Stage):
     exp, exp_metrics = self.experience_fn(state.policy.params, self.ref_params, value_params, rollout,
                                           jnp.asarray(scores), state.kl.value)
     state, upd_metrics = self.update_fn(state, exp, jax.random.fold_in(it_rng, 1))
-    metrics = jax.block_until_ready({**exp_metrics, **upd_metrics})
-    self.kl_history.append(float(metrics["kl_seq_mean"]))
+    metrics = {**exp_metrics, **upd_metrics}
+    if it % self.log_every == 0:  # time the update on logged iterations only: no sync in between
+      jax.block_until_ready(metrics)
+    self.kl_history.append(metrics["kl_seq_mean"])  # a device scalar until a checkpoint reads it
     metrics.update(score_metrics)
     metrics.update(time_sample_s=t_sample - t0, time_score_s=t_score - t_sample,
                    time_update_s=time.perf_counter() - t_score, reward_mean=float(np.mean(scores)))
