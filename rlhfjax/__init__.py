@@ -21,14 +21,9 @@ _SUBMODULES = ("checkpoint", "config", "data", "metrics", "models", "parallel", 
 
 # public name -> module that defines it
 _NAMES = {
-    "TransformerConfig": "rlhfjax.models",
-    "PolicyModel": "rlhfjax.models",
-    "ValueModel": "rlhfjax.models",
-    "RewardModel": "rlhfjax.models",
-    "init_params": "rlhfjax.models",
-    "generate": "rlhfjax.sampling",
-    "SamplingConfig": "rlhfjax.sampling",
-    "SampleOutput": "rlhfjax.sampling",
+    **dict.fromkeys(("TransformerConfig", "PolicyModel", "ValueModel", "RewardModel", "init_params"),
+                    "rlhfjax.models"),
+    **dict.fromkeys(("generate", "SamplingConfig", "SampleOutput"), "rlhfjax.sampling"),
     "create_mesh": "rlhfjax.parallel",
     "Tokenizer": "rlhfjax.tokenizer",
     "train_and_evaluate": "rlhfjax.train.pipeline",

@@ -1,27 +1,23 @@
 """Orbax checkpoints for a run: one train-state pytree plus a small JSON `meta` dict per step.
 
-Layout (``directory/<step>/{state,meta}``) is Orbax's ``CheckpointManager`` with two items:
+Layout ``directory/<step>/{state,meta}`` (Orbax ``CheckpointManager``): ``state`` is any pytree of
+``jax.Array`` / ``np.ndarray`` / scalars (params, optimizer state, step, rng key, KL-controller
+state; ``StandardSave``, sharded-aware); ``meta`` a JSON dict (data-iterator position, stage, ...).
 
-- ``state``: any pytree of ``jax.Array`` / ``np.ndarray`` / scalars — params, optimizer state, step,
-  rng key, KL-controller state. Saved with ``StandardSave`` (tensorstore, sharded-aware).
-- ``meta``: JSON-serializable dict — data-iterator position, stage name, config hash, ...
+Typed PRNG keys (``jax.random.key``) have an extended dtype tensorstore cannot write: ``save``
+stores ``jax.random.key_data`` (``uint32[..., 2]`` for threefry), and ``restore`` re-wraps it with
+the key implementation of the *abstract target*, which must therefore say the leaf is a typed key
+(as ``jax.eval_shape`` / ``abstract_like`` of the live state does). Legacy raw ``uint32[2]`` keys
+are plain arrays.
 
-Typed PRNG keys (``jax.random.key``) have an extended dtype tensorstore cannot write. ``save``
-replaces them with ``jax.random.key_data`` (``uint32[..., 2]`` for threefry); ``restore`` sees a
-key dtype in the *abstract target* and re-wraps the restored data with ``jax.random.wrap_key_data``
-using the target's key implementation. So: the target must say the leaf is a typed key (as
-``jax.eval_shape`` / ``abstract_like`` of the live state does); legacy raw ``uint32[2]`` keys are
-plain arrays and need nothing.
+Crash safety: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when
+complete (atomic on POSIX; GCS uses a commit marker). A save killed midway leaves only the tmp
+directory, which is ignored (and deleted on start-up), so ``latest_step`` is always complete.
 
-Crash safety: Orbax writes each step into a ``<step>.orbax-checkpoint-tmp-*`` directory and renames
-it when complete (atomic on local/POSIX file systems; GCS uses a commit marker instead). A process
-killed mid-save leaves only the tmp directory, which ``CheckpointManager`` ignores when listing
-steps (and which we ask it to delete on start-up), so ``latest_step`` is always a complete step.
-
-Async saves: ``save`` returns once device arrays are copied to host memory; the write to disk
-happens on a background thread. It is therefore safe to donate/delete the saved state in the next
-jitted step. Call ``wait()`` (or ``close()``, or leave the ``with`` block) before the process exits
-or before reading the checkpoint from another process; a later ``save`` waits for the previous one.
+Async saves: ``save`` returns once device arrays are copied to host memory (so the state may be
+donated/deleted in the next jitted step) and writes on a background thread. Call ``wait()`` (or
+``close()``, or leave the ``with`` block) before exiting or reading the checkpoint from another
+process; a later ``save`` waits for the previous one.
 """
 from __future__ import annotations
 
@@ -41,35 +37,18 @@ def _is_typed_key(x) -> bool:
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def _key_impl(dtype):
-  """PRNG implementation of a key dtype. JAX has no public accessor for an *abstract* key's impl
-  (``jax.random.key_impl`` wants a concrete key), so read the dtype's ``_impl``."""
-  return dtype._impl  # pylint: disable=protected-access
-
-
-def _sharding_of(x):
-  try:
-    return x.sharding
-  except AttributeError:
-    return None
-
-
 def abstract_like(state, shardings=None):
-  """``jax.ShapeDtypeStruct`` pytree describing ``state``, for ``Checkpointer.restore``.
-
-  Args:
-    state: pytree of arrays (or ShapeDtypeStructs). Python/NumPy scalars become 0-d structs and
-      are restored as 0-d ``jax.Array``s (64-bit narrowed to 32-bit unless ``jax_enable_x64``).
-    shardings: ``None`` (keep each leaf's own ``.sharding``, if any), one ``jax.sharding.Sharding``
-      for every leaf, or a pytree of shardings matching ``state``.
-  Returns:
-    Pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set where known. Typed PRNG keys keep their
-    key dtype (``restore`` relies on it).
-  """
+  """``jax.ShapeDtypeStruct`` pytree (``.sharding`` set where known) describing ``state``, a pytree
+  of arrays or ShapeDtypeStructs, for ``Checkpointer.restore``. Python/NumPy scalars become 0-d
+  structs, restored as 0-d ``jax.Array``s (64-bit narrowed to 32-bit unless ``jax_enable_x64``);
+  typed PRNG keys keep their key dtype (``restore`` relies on it). ``shardings``: ``None`` (each
+  leaf's own ``.sharding``, if any), one ``jax.sharding.Sharding`` for every leaf, or a pytree of
+  shardings matching ``state``."""
   def one(x, s):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if s is not None else _sharding_of(x))
+    sharding = s if s is not None else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: one(x, shardings), state)
@@ -107,13 +86,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True):
-    """Args:
-      directory: checkpoint root (created if missing). Local path or any epath (gs://...).
-      max_to_keep: keep only the newest N complete steps (None keeps all).
-      save_interval_steps: ``save`` writes only when ``step % save_interval_steps == 0``
-        (unless ``force=True``).
-      async_save: write to disk on a background thread (see module docstring).
-    """
+    """``directory``: checkpoint root (created if missing), a local path or any epath (gs://...).
+    Keeps the newest ``max_to_keep`` complete steps (None: all); ``save`` writes only when
+    ``step % save_interval_steps == 0`` (unless ``force=True``); ``async_save`` writes to disk on a
+    background thread (see module docstring)."""
     self.directory = os.fspath(directory)
     self._interval = max(1, int(save_interval_steps))
     options = ocp.CheckpointManagerOptions(
@@ -128,13 +104,10 @@ class Checkpointer:
   # -- saving ---------------------------------------------------------------------------------
 
   def save(self, step: int, state, meta: dict | None = None, *, force: bool = False) -> bool:
-    """Saves ``state`` and ``meta`` as ``step``; returns True if a save was started.
-
-    Skipped (returns False) when ``step`` is not a multiple of ``save_interval_steps`` (unless
-    ``force``), or when ``step`` is not newer than the latest saved step (re-running a step after
-    resume is a no-op rather than an error). With ``async_save`` the write continues in the
-    background; ``state`` may be donated/deleted as soon as this returns.
-    """
+    """Saves ``state`` and ``meta`` as ``step``; True if a save was started. Skipped (False) when
+    ``step`` is not a multiple of ``save_interval_steps`` (unless ``force``) or not newer than the
+    latest saved step (re-running a step after resume is a no-op, not an error). With ``async_save``
+    the write continues in the background; ``state`` may be donated/deleted once this returns."""
     step = int(step)
     latest = self._manager.latest_step()
     if latest is not None and step <= latest:
@@ -175,17 +148,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
-    """Restores ``(state, meta)`` from ``step`` (default: latest).
+    """Restores ``(state, meta)`` from ``step`` (default: latest); FileNotFoundError if there is no
+    (complete) checkpoint or no such step in the directory.
 
-    Args:
-      abstract_state: pytree matching the saved state, of ``jax.ShapeDtypeStruct`` with
-        ``.sharding`` (``jax.eval_shape(init)`` + shardings, or ``abstract_like``) or of concrete
-        arrays (only their shape/dtype/sharding are used). Restored arrays are placed with those
-        shardings; a leaf without a sharding lands on the first device. Typed-key leaves come back
-        as typed keys of the same implementation.
-      step: which step; ``None`` for the latest.
-    Raises:
-      FileNotFoundError: no (complete) checkpoint / no such step in the directory.
+    ``abstract_state``: pytree matching the saved state, of ``jax.ShapeDtypeStruct`` with
+    ``.sharding`` (``jax.eval_shape(init)`` + shardings, or ``abstract_like``) or of concrete arrays
+    (only their shape/dtype/sharding are used). Arrays are placed with those shardings, a leaf
+    without one on the first device; typed-key leaves come back as typed keys of the same impl.
     """
     self.wait()
     self._manager.reload()  # pick up steps finished since (also by other processes)
@@ -207,7 +176,9 @@ class Checkpointer:
         abstract)
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
+    # An abstract key's implementation has no public accessor (`jax.random.key_impl` wants a
+    # concrete key): read its dtype's `_impl`.
     state = jax.tree.map(
-        lambda x, a: jax.random.wrap_key_data(x, impl=_key_impl(a.dtype)) if _is_typed_key(a) else x,
+        lambda x, a: jax.random.wrap_key_data(x, impl=a.dtype._impl) if _is_typed_key(a) else x,
         restored[_STATE], abstract)
     return state, dict(restored[_META] or {})

@@ -1,13 +1,10 @@
 """Config plumbing: locked ml_collections ConfigDicts in, frozen dataclasses out.
 
-Experiment files (`experiments/*.py`) build a `ConfigDict` with a comment on every field and lock it,
-so `--config.sft.stepz=3` fails naming the valid keys. Before anything reaches `jax.jit`, a section is
-turned into a frozen (hashable) dataclass with `to_dataclass`.
-
-`resolve_config_arg` turns an experiment name (`--config=exceed_teacher`) into the path of that file,
-in the repository's `experiments/` or, installed from a wheel, the `rlhfjax.experiments` package that
-ships the same files; `import_sibling` is how an experiment file loaded by path imports the one it
-extends.
+Experiment files (`experiments/*.py`) build a locked `ConfigDict` with a comment on every field, so
+`--config.sft.stepz=3` fails naming the valid keys; `to_dataclass` turns a section into a frozen
+(hashable) dataclass before anything reaches `jax.jit`. `resolve_config_arg` turns an experiment name
+(`--config=exceed_teacher`) into the path of its file; `import_sibling` is how an experiment file
+loaded by path imports the one it extends.
 """
 
 from __future__ import annotations
@@ -34,12 +31,7 @@ def to_dataclass(cls: type[T], section: ml_collections.ConfigDict | dict, **over
   unknown = sorted(set(values) - names)
   if unknown:
     raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid: {sorted(names)}")
-  fixed = {}
-  for f in dataclasses.fields(cls):
-    if f.name in values:
-      v = values[f.name]
-      fixed[f.name] = tuple(v) if isinstance(v, list) else v
-  return cls(**fixed)
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -73,7 +65,6 @@ def available_experiments() -> list[str]:
 def resolve_config_arg(arg: str) -> str:
   """A `--config` value as `config_flags` takes it: `NAME[:ARG]` (no `/`, no `.py`) becomes the path of
   that experiment file (`:ARG` still goes to `get_config`); a path is returned as is once it exists.
-
   Raises ValueError naming the available experiments for an unknown name, FileNotFoundError for a
   missing path (both one line)."""
   path, sep, rest = arg.partition(":")
@@ -89,11 +80,8 @@ def resolve_config_arg(arg: str) -> str:
 
 
 def import_sibling(file: str, name: str) -> types.ModuleType:
-  """Module `name` from `name.py` beside `file`.
-
-  For experiment files: `config_flags` loads `--config` files by path as top-level modules, so their
-  `from . import base` has no package to be relative to; they fall back to this. Loaded once per path.
-  """
+  """Module `name` from `name.py` beside `file`, loaded once per path. For experiment files, which
+  `config_flags` loads by path as top-level modules, so `from . import base` has no package."""
   path = os.path.join(os.path.dirname(os.path.abspath(file)), f"{name}.py")
   key = f"_rlhfjax_experiment_{name}_{zlib.crc32(path.encode()):08x}"  # no dots: no parent package
   if key in sys.modules:
@@ -127,10 +115,10 @@ def rewrite_moved_flags(argv: list[str]) -> tuple[list[str], list[str]]:
   out, notes = [], []
   for arg in argv:
     key, eq, value = arg.partition("=")
-    if key.startswith("--config.") and key[len("--config."):] in MOVED_KEYS:
-      new = MOVED_KEYS[key[len("--config."):]]
-      notes.append(f"note: config.{key[len('--config.'):]} is now config.{new}")
-      arg = f"--config.{new}{eq}{value}"
+    old = key.removeprefix("--config.") if key.startswith("--config.") else None
+    if old in MOVED_KEYS:
+      notes.append(f"note: config.{old} is now config.{MOVED_KEYS[old]}")
+      arg = f"--config.{MOVED_KEYS[old]}{eq}{value}"
     out.append(arg)
   return out, notes
 

@@ -4,11 +4,10 @@
     python -m rlhfjax.main --config=preference --workdir=/tmp/pref --config.stages=sft,rm
     python -m rlhfjax.main --config=experiments/arithmetic.py --workdir=/tmp/arith --config.sft.steps=300
 
-`--config` is an experiment name (a file of the repository's `experiments/`, which an installed wheel
-ships as `rlhfjax.experiments`; `NAME:ARG` passes ARG to its `get_config`) or the path of any config
-file with a `get_config()`. `--config.a.b=v` overrides one field; the config is locked, so a typo is
-an error naming the valid keys. Re-running on the same workdir resumes, and a finished workdir just
-prints its summary again.
+`--config` is an experiment name (a file of `experiments/`, shipped in a wheel as
+`rlhfjax.experiments`; `NAME:ARG` passes ARG to its `get_config`) or the path of any file with a
+`get_config()`. `--config.a.b=v` overrides one field (a typo is an error naming the valid keys).
+Re-running on the same workdir resumes; a finished workdir just prints its summary again.
 """
 
 from __future__ import annotations

@@ -29,9 +29,7 @@ _MAX_PLOT_KEYS = 12
 
 def _to_float(value) -> float:
   """Python/NumPy/JAX scalar (or size-1 array) -> float. Raises TypeError for anything else."""
-  if isinstance(value, (bool, np.bool_)):
-    return float(value)
-  if isinstance(value, numbers.Number):
+  if isinstance(value, (numbers.Number, np.bool_)):  # bool is a Number
     return float(value)
   arr = np.asarray(value)  # pulls a jax.Array to host
   if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
@@ -84,13 +82,11 @@ class MetricsWriter:
       self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"), flush_secs=10)
 
   def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
-    """Writes one line ``{"stage", "step", "time", **metrics}`` and one TB scalar per key.
+    """Writes one line ``{"stage", "step", "time", **metrics}`` and one TB scalar ``<stage>/<key>`` each.
 
-    Args:
-      stage: e.g. ``"sft"``, ``"reward"``, ``"ppo"``; prefixes TensorBoard tags.
-      step: global step of the stage.
-      metrics: name -> scalar (Python, NumPy or JAX; device arrays are pulled to host here, so pass
-        them all at once after the step). Non-finite values are ``null`` in JSON, kept in TB.
+    ``metrics``: name -> scalar (Python, NumPy or JAX; device arrays are pulled to host here, so pass
+    them all at once after the step); non-finite values are ``null`` in JSON, kept in TB. Reserved
+    names (``stage``, ``step``, ``time``) raise ValueError.
     """
     step = int(step)
     values = {str(k): _to_float(v) for k, v in metrics.items()}
@@ -142,12 +138,9 @@ def _read_jsonl(path: str) -> list[dict]:
   rows = []
   with open(path, encoding="utf-8") as f:
     for line in f:
-      line = line.strip()
-      if not line:
-        continue
       try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:  # a torn last line from a killed run
+        rows.append(json.loads(line.strip()))
+      except json.JSONDecodeError:  # a blank line, or a torn last line from a killed run
         continue
   return rows
 
@@ -155,12 +148,8 @@ def _read_jsonl(path: str) -> list[dict]:
 def read_metrics(workdir: str, stage: str | None = None) -> list[dict]:
   """All rows of ``workdir/metrics.jsonl`` (optionally one stage), in write order; null -> NaN."""
   rows = _read_jsonl(os.path.join(os.fspath(workdir), METRICS_FILE))
-  out = []
-  for r in rows:
-    if stage is not None and r.get("stage") != stage:
-      continue
-    out.append({k: (math.nan if v is None else v) for k, v in r.items()})
-  return out
+  return [{k: (math.nan if v is None else v) for k, v in r.items()}
+          for r in rows if stage is None or r.get("stage") == stage]
 
 
 def read_samples(workdir: str) -> list[dict]:
@@ -213,10 +202,8 @@ def _numeric_keys(rows: Iterable[dict]) -> list[str]:
   keys: dict[str, bool] = {}
   for r in rows:
     for k, v in r.items():
-      if k in _RESERVED:
-        continue
-      ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-      keys[k] = keys.get(k, True) and ok
+      if k not in _RESERVED:
+        keys[k] = keys.get(k, True) and isinstance(v, (int, float)) and not isinstance(v, bool)
   return [k for k, ok in keys.items() if ok]
 
 
@@ -263,10 +250,8 @@ def plot_curves(workdir: str, stages: Sequence[str] | None = None) -> list[str]:
 
 def _fmt_cell(v) -> str:
   if isinstance(v, float):
-    return "nan" if math.isnan(v) else f"{v:.4g}"
-  if v is None:
-    return ""
-  return str(v)
+    return f"{v:.4g}"  # "nan" for any NaN
+  return "" if v is None else str(v)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -277,8 +262,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
   lines = ["| " + " | ".join(esc(str(c)) for c in cols) + " |",
            "|" + "|".join("---" for _ in cols) + "|"]
-  for r in rows:
-    lines.append("| " + " | ".join(esc(_fmt_cell(r.get(c))) for c in cols) + " |")
+  lines += ["| " + " | ".join(esc(_fmt_cell(r.get(c))) for c in cols) + " |" for r in rows]
   return "\n".join(lines)
 
 
@@ -287,9 +271,7 @@ def write_report(workdir: str, title: str, sections: Mapping[str, str | Sequence
   dict rows). Plots in ``workdir/plots`` are linked at the end. Returns the path."""
   parts = [f"# {title}", ""]
   for name, body in sections.items():
-    parts += [f"## {name}", ""]
-    parts.append(body if isinstance(body, str) else markdown_table(list(body)))
-    parts.append("")
+    parts += [f"## {name}", "", body if isinstance(body, str) else markdown_table(list(body)), ""]
   plots_dir = os.path.join(os.fspath(workdir), "plots")
   if os.path.isdir(plots_dir):
     pngs = sorted(p for p in os.listdir(plots_dir) if p.endswith(".png"))

@@ -21,6 +21,12 @@ def _num(x) -> str:
   return "n/a" if x is None else f"{float(x):.4f}"
 
 
+def _table(rows: list[tuple[str, ...]], width: int) -> list[str]:
+  """Indented rows: the first column left-aligned, the others right-aligned to ``width``."""
+  w = max(len(row[0]) for row in rows)
+  return [f"  {row[0]:<{w}}" + "".join(f"  {c:>{width}}" for c in row[1:]) for row in rows]
+
+
 def summarize_sft(r: dict) -> list[str]:
   rows = [("", "before SFT", "after SFT"),
           ("held-out accuracy (greedy)", _pct(r.get("before_accuracy_greedy")),
@@ -29,10 +35,7 @@ def summarize_sft(r: dict) -> list[str]:
            _pct(r.get("after_accuracy_sampled"))),
           ("held-out loss (nats/token)", _num(r.get("before_heldout_loss")),
            _num(r.get("after_heldout_loss")))]
-  w = max(len(a) for a, _, _ in rows)
-  lines = [f"SFT ({r.get('steps', '?')} steps)"]
-  lines += [f"  {a:<{w}}  {b:>10}  {c:>10}" for a, b, c in rows]
-  return lines
+  return [f"SFT ({r.get('steps', '?')} steps)"] + _table(rows, 10)
 
 
 def summarize_rl(r: dict) -> list[str]:
@@ -50,9 +53,8 @@ def summarize_rl(r: dict) -> list[str]:
   rows = [("", "teacher", "before RL", "after RL")]
   rows += [(name, _pct(teacher[key]) if key in teacher else "", _pct(r.get(f"before_{key}")),
             _pct(r.get(f"after_{key}"))) for name, key in keys]
-  w = max(len(row[0]) for row in rows)
   lines = [f"RL ({r.get('algo', '?')}, {r.get('iterations', '?')} iterations, math verifier reward)"]
-  lines += [f"  {a:<{w}}  {b:>10}  {c:>10}  {d:>10}" for a, b, c, d in rows]
+  lines += _table(rows, 10)
   if r.get("teacher_accuracy") is not None and r.get("after_accuracy_greedy") is not None:
     gain = 100 * (r["after_accuracy_greedy"] - r["teacher_accuracy"])
     lines.append(f"  RL vs teacher (greedy): {gain:+.1f} points")
@@ -74,8 +76,7 @@ def summarize_rm(r: dict) -> list[str]:
       rows.append((f"  pairs differing in {name} ({r[f'after_gold_pairs_{split}']})",
                    _pct(r.get(f"before_gold_accuracy_{split}")),
                    _pct(r.get(f"after_gold_accuracy_{split}"))))
-  w = max(len(a) for a, _, _ in rows)
-  lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
+  lines += _table(rows, 8)
   if r.get("after_labeler_gold_agreement") is not None:
     lines.append(f"  (the noisy labeler itself agrees with gold on "
                  f"{_pct(r['after_labeler_gold_agreement']).strip()} of those pairs)")
@@ -88,8 +89,7 @@ def summarize_ppo(r: dict) -> list[str]:
   rows = [("", "before", "after"),
           ("gold score (simulated human)", _num(r.get("before_gold_mean")), _num(r.get("after_gold_mean"))),
           ("proxy score (reward model)", _num(r.get("before_proxy_mean")), _num(r.get("after_proxy_mean")))]
-  w = max(len(a) for a, _, _ in rows)
-  lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
+  lines += _table(rows, 8)
   if r.get("gold_gain_in_sft_std") is not None:
     lines.append(f"  gold gain: {r['gold_gain_in_sft_std']:+.2f} SFT standard deviations")
   if r.get("kl_seq_mean") is not None:
@@ -97,12 +97,8 @@ def summarize_ppo(r: dict) -> list[str]:
   return lines
 
 
-SUMMARIES: dict[str, SummaryFn] = {
-    "sft": summarize_sft,
-    "rm": summarize_rm,
-    "rl": summarize_rl,
-    "ppo": summarize_ppo,
-}
+SUMMARIES: dict[str, SummaryFn] = {"sft": summarize_sft, "rm": summarize_rm, "rl": summarize_rl,
+                                   "ppo": summarize_ppo}
 STAGES = list(SUMMARIES)  # stages with their own summary, in pipeline order
 
 

@@ -1,13 +1,12 @@
 """SentencePiece tokenizer: training, loading, and the one prompt/response template.
 
-The template is fixed for the whole framework so that SFT targets and RL samples are the same
-token format:
+One template for the whole framework, so SFT targets and RL samples are the same token format:
 
     prompt ids   = [bos] + encode(format_prompt(question))      # left-padded in batches
     response ids = encode(response) + [eos]                      # right-padded in batches
 
-Prompt and response are always encoded separately (never as one string), so the tokens a policy
-samples after the prompt are exactly the tokens SFT trained it to produce.
+Prompt and response are encoded separately (never as one string), so the tokens a policy samples
+after the prompt are exactly those SFT trained it to produce.
 
 Special ids are fixed: pad=0, unk=1, bos=2, eos=3; `<thinking>` and `</thinking>` are single
 pieces; every digit is its own piece (`split_digits`) so arithmetic sees one token per digit.
@@ -36,10 +35,8 @@ def format_prompt(question: str) -> str:
 
 
 def template_texts(examples: Iterable[dict]) -> Iterator[str]:
-  """Tokenizer training texts in the exact form they are encoded: formatted prompts and responses.
-
-  Each example needs "prompt" and optionally "response" or "demonstration".
-  """
+  """Tokenizer training texts in the exact form they are encoded: each example's formatted "prompt",
+  then its "response" (or "demonstration") if any."""
   for ex in examples:
     yield format_prompt(ex["prompt"])
     resp = ex.get("response", ex.get("demonstration"))
@@ -54,22 +51,14 @@ def train_tokenizer(
     vocab_size: int,
     model_type: Literal["bpe", "unigram"] = "bpe",
 ) -> str:
-  """Trains a SentencePiece model in-process from an iterable of texts and writes it.
+  """Trains a SentencePiece model in-process on `texts` (formatted the way they will be encoded) and
+  writes it to `model_path` (parent directories created); returns `model_path`.
 
-  Deterministic: the same texts (in the same order) give byte-identical model files (single
-  trainer thread, no sentence sampling). `hard_vocab_limit=False`, so `vocab_size` is an upper
-  bound: a tiny corpus may yield fewer pieces.
-
-  Args:
-    texts: training texts, e.g. prompts and responses (formatted the way they will be encoded).
-    model_path: where to write the `.model` file (parent directories are created).
-    vocab_size: maximum number of pieces, including the 4 special ids and the 2 thinking tags.
-    model_type: "bpe" (default, recommended) or "unigram". Note: with sentencepiece 0.2.3 the
-      unigram trainer finds almost no multi-character seed pieces on small templated corpora, so
-      it ends up near character level whatever `vocab_size` is; it is still valid and deterministic.
-
-  Returns:
-    `model_path`.
+  Deterministic: the same texts in the same order give byte-identical files. `vocab_size` is an
+  upper bound (`hard_vocab_limit=False`) including the 4 special ids and the 2 thinking tags (a tiny
+  corpus may yield fewer pieces); below the corpus's character count it raises ValueError. "bpe" is
+  the recommended `model_type`: with sentencepiece 0.2.3 "unigram" finds almost no multi-character
+  seed pieces on small templated corpora and ends up near character level (valid, deterministic).
   """
   if model_type not in ("bpe", "unigram"):
     raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
@@ -113,6 +102,9 @@ def train_tokenizer(
 class Tokenizer:
   """A loaded SentencePiece model plus the framework's prompt/response conventions."""
 
+  # Fixed for every model (checked in __init__); plain attributes, as on HFTokenizer.
+  pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
   def __init__(self, processor: spm.SentencePieceProcessor):
     self._sp = processor
     for name, want in (("pad", PAD_ID), ("unk", UNK_ID), ("bos", BOS_ID), ("eos", EOS_ID)):
@@ -144,22 +136,6 @@ class Tokenizer:
     return self._sp.serialized_model_proto()
 
   @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def bos_id(self) -> int:
-    return BOS_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def unk_id(self) -> int:
-    return UNK_ID
-
-  @property
   def vocab_size(self) -> int:
     return self._sp.vocab_size()
 
@@ -179,11 +155,8 @@ class Tokenizer:
     return self._sp.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Decodes up to (not including) the first eos; pad and bos ids are skipped.
-
-    Ids outside the tokenizer's vocabulary (a model's embedding table may be padded past
-    `vocab_size`) decode as unk.
-    """
+    """Decodes up to (not including) the first eos, skipping pad and bos; ids outside the vocabulary
+    (a model's embedding table may be padded past `vocab_size`) decode as unk."""
     ids = np.asarray(ids, np.int64).reshape(-1)
     eos = np.flatnonzero(ids == EOS_ID)
     if eos.size:
@@ -195,32 +168,22 @@ class Tokenizer:
   # --- the template -------------------------------------------------------------------------
 
   def prompt_ids(self, question: str) -> list[int]:
-    """[bos] + encode(format_prompt(question))."""
     return [BOS_ID] + self._sp.encode(format_prompt(question))
 
   def response_ids(self, response: str) -> list[int]:
-    """encode(response) + [eos]."""
     return self._sp.encode(response) + [EOS_ID]
 
   # --- batches ------------------------------------------------------------------------------
 
   def encode_prompts(self, questions: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes questions with the prompt template, LEFT-padded to exactly `max_len`.
-
-    Returns:
-      ids: int32 [batch, max_len], pad_id on the left.
-      mask: int32 [batch, max_len], 1 on real tokens.
-
-    Raises:
-      ValueError: if a prompt is longer than `max_len` (prompts are never truncated).
-    """
-    seqs = self._sp.encode([format_prompt(q) for q in questions])
-    seqs = [[BOS_ID] + s for s in seqs]
+    """`prompt_ids` of each question, LEFT-padded to exactly `max_len`: `(ids, mask)`, int32
+    [batch, max_len], mask 1 on real tokens. Prompts are never truncated: a longer one raises
+    ValueError."""
+    seqs = [[BOS_ID] + s for s in self._sp.encode([format_prompt(q) for q in questions])]
     lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
     if len(seqs) and lengths.max() > max_len:
-      n = int(lengths.max())
       raise ValueError(
-          f"prompt of {n} tokens exceeds max_prompt_len={max_len}; raise "
+          f"prompt of {int(lengths.max())} tokens exceeds max_prompt_len={max_len}; raise "
           f"config.data.max_prompt_len or shorten the prompt: {questions[int(lengths.argmax())]!r}")
     return _fill(seqs, lengths, max_len, left=True)
 
@@ -231,25 +194,18 @@ class Tokenizer:
       *,
       overflow: Literal["truncate", "error"] = "truncate",
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes responses (+ eos), RIGHT-padded to exactly `max_len`.
-
-    Overlong responses are cut to `max_len` tokens (their eos is dropped, so the model is not
-    taught to stop there) and the count is logged; `overflow="error"` raises instead.
-
-    Returns:
-      ids: int32 [batch, max_len], pad_id on the right.
-      mask: int32 [batch, max_len], 1 on real tokens including eos.
-    """
-    ids, mask, truncated = self.encode_responses_with_stats(responses, max_len, overflow=overflow)
+    """`response_ids` of each response, RIGHT-padded to exactly `max_len`: `(ids, mask)`, int32
+    [batch, max_len], mask 1 on real tokens including eos. Overlong responses are cut to `max_len`
+    tokens (eos dropped, so the model is not taught to stop there) and counted in a log line;
+    `overflow="error"` raises ValueError instead."""
+    ids, mask, _ = self.encode_responses_with_stats(responses, max_len, overflow=overflow)
     return ids, mask
 
   def encode_responses_with_stats(self, responses, max_len, *, overflow="truncate"):
     """As `encode_responses`, plus a bool [batch] array marking truncated rows."""
     if overflow not in ("truncate", "error"):
       raise ValueError(f"overflow must be 'truncate' or 'error', got {overflow!r}")
-    seqs = self._sp.encode(list(responses))
-    for s in seqs:
-      s.append(EOS_ID)
+    seqs = [s + [EOS_ID] for s in self._sp.encode(list(responses))]
     lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
     truncated = lengths > max_len
     if truncated.any():

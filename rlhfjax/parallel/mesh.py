@@ -1,9 +1,8 @@
 """The one place shardings are made: mesh construction and logical-axis → NamedSharding.
 
-Mesh axes are `("data", "fsdp", "tensor")`. We build the mesh with `AxisType.Auto` deliberately: our
-steps are `jax.jit` with explicit in/out shardings and GSPMD propagates the rest, so the model code
-stays free of sharding annotations (JAX ≥ 0.10's `make_mesh` would otherwise default to Explicit
-axes, which put shardings into types and require every op to agree).
+Mesh axes are `("data", "fsdp", "tensor")`, `AxisType.Auto` on purpose: steps are `jax.jit` with
+explicit in/out shardings and GSPMD propagates the rest, so model code has no sharding annotations
+(JAX ≥ 0.10's `make_mesh` defaults to Explicit axes, which put shardings into types).
 """
 
 from __future__ import annotations

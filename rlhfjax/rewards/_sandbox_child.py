@@ -29,13 +29,8 @@ def _mount(src, target, fstype, flags, data):
 
 
 def _mountpoints():
-  points = []
   with open("/proc/self/mountinfo") as f:
-    for line in f:
-      mp = line.split()[4]
-      points.append(mp.encode().decode("unicode_escape"))  # \040 -> space
-  return points
-
+    return [line.split()[4].encode().decode("unicode_escape") for line in f]  # \040 -> space
 
 
 def _main():
@@ -48,17 +43,14 @@ def _main():
   _NONCE = _cfg["nonce"]
   _write, _dumps, _exit = os.write, json.dumps, os._exit
 
-
   def _emit(obj):
     data = (_NONCE + " " + _dumps(obj) + "\n").encode()
     while data:
       data = data[_write(_RFD, data):]
 
-
   def _fail_setup(msg):
     _emit({"event": "setup_error", "error": msg})
     _exit(3)
-
 
   _workdir = _cfg["workdir"]
   _uid = _cfg["uid"]
@@ -103,14 +95,10 @@ def _main():
       _child = os.fork()
       if _child:  # launcher: stays root outside the namespace, waits, relays the exit status
         os.close(_RFD)
-        while True:
-          try:
-            _, _status = os.waitpid(_child, 0)
-            break
-          except ChildProcessError:
-            _exit(3)
-          except InterruptedError:
-            continue
+        try:
+          _, _status = os.waitpid(_child, 0)  # retried on EINTR by Python itself (PEP 475)
+        except ChildProcessError:
+          _exit(3)
         _exit(os.waitstatus_to_exitcode(_status) if os.WIFEXITED(_status) else 128 + os.WTERMSIG(_status))
       # pid 1 of the new namespace: dies with the launcher; when it exits the kernel kills the rest.
       _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -160,12 +148,10 @@ def _main():
                    for p in sys.path]
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversize writes raise OSError instead of killing
 
-
   # Harness-level stubs: defence in depth only, bypassable from Python (``_socket``, ``ctypes``).
   class _NoSocket:
     def __init__(self, *args, **kwargs):
       raise PermissionError("network access is disabled in the sandbox")
-
 
   socket.socket = _NoSocket
   socket.create_connection = _NoSocket
@@ -186,10 +172,8 @@ def _main():
   resource.setrlimit(resource.RLIMIT_AS, (_lim["as_bytes"], _lim["as_bytes"]))
   _emit({"event": "start", "layers": _layers})
 
-
   def _short(exc):
     return (type(exc).__name__ + ": " + str(exc))[:300]
-
 
   def _harness(code, tests):
     memory = False
@@ -201,11 +185,8 @@ def _main():
       return
     try:
       exec(compiled, namespace)  # pylint: disable=exec-used
-    except MemoryError as e:
-      _emit({"event": "solution_error", "memory": True, "error": _short(e)})
-      return
     except BaseException as e:  # incl. SystemExit: the solution may not stop the harness
-      _emit({"event": "solution_error", "memory": False, "error": _short(e)})
+      _emit({"event": "solution_error", "memory": isinstance(e, MemoryError), "error": _short(e)})
       return
     for i, test in enumerate(tests):
       ok, err = False, None
@@ -218,7 +199,6 @@ def _main():
         err = _short(e)
       _emit({"event": "test", "i": i, "ok": ok, "error": err})
     _emit({"event": "done", "memory": memory})
-
 
   _code, _tests = _cfg["code"], _cfg["tests"]
   del _cfg, _lim

@@ -14,7 +14,7 @@ Rewards run on the host between sampling and ``make_experience``; they are plain
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,9 +77,6 @@ def list_reward_fns() -> list[str]:
   return sorted(set(_REGISTRY) | set(BUILTIN_REWARDS))
 
 
-RewardSpec = Union[str, RewardFn]
-
-
 def _normalize_specs(fns_with_weights) -> list[tuple[str, RewardFn, float]]:
   """Accepts {name: weight}, [(name_or_fn, weight)], or [(name, fn, weight)]."""
   items = list(fns_with_weights.items()) if isinstance(fns_with_weights, Mapping) else list(fns_with_weights)
@@ -113,13 +110,11 @@ def combine_rewards(
     nan_policy: str = "zero",
     **example_fields: Any,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
-  """Evaluates several reward functions and returns their weighted sum.
+  """Evaluates several reward functions on ``[batch]`` prompts/completions; their weighted sum.
 
   Args:
     fns_with_weights: ``{registered_name: weight}``, or a sequence of ``(name_or_fn, weight)`` or
       ``(name, fn, weight)``.
-    prompts: ``[batch]`` prompt strings.
-    completions: ``[batch]`` completion strings.
     nan_policy: what to do with NaN ("could not score") entries, and with a reward function that
       raises or returns the wrong shape (counted as all-NaN):
       ``"zero"`` (default) -- contribute 0 to the total, counted in ``nan_counts``;

@@ -1,16 +1,12 @@
-"""Format reward for the thinking template and statistics about thinking.
+"""Format reward for the thinking template, ``<thinking> ...reasoning... </thinking> final answer``,
+and statistics about thinking.
 
-The expected completion shape is::
-
-    <thinking> ...reasoning... </thinking> final answer
-
-``format_reward`` is 1.0 only for exactly one well-nested, non-empty thinking block at the start
-of the completion (leading whitespace allowed), followed by a non-blank answer from which
-``extract_answer`` can read something. Mis-nested, unclosed or repeated tags, an empty thinking
-block, text before the block, or nothing extractable after it all score 0.0. If the prompt
-template already ends with the opening tag (the model starts inside the block), pass
-``open_tag_in_prompt=True``: the completion must then contain exactly one closing tag and no
-opening tag.
+``format_reward`` is 1.0 only for exactly one well-nested, non-empty thinking block at the start of
+the completion (leading whitespace allowed) followed by a non-blank answer from which
+``extract_answer`` can read something; mis-nested, unclosed or repeated tags, an empty block, text
+before it, or nothing extractable after it all score 0.0. If the prompt template already ends with
+the opening tag (the model starts inside the block), pass ``open_tag_in_prompt=True``: the
+completion must then contain exactly one closing tag and no opening tag.
 """
 from __future__ import annotations
 
@@ -57,15 +53,11 @@ def format_reward_fn(prompts: Sequence[str], completions: Sequence[str], **unuse
 
 
 def thinking_stats(completions: Sequence[str], *, open_tag_in_prompt: bool = False) -> dict[str, float]:
-  """Host-side metrics about thinking, for logging.
-
-  Returns:
-    ``frac_thinking``: fraction with a closed ``<thinking>...</thinking>`` block (any position);
-    ``frac_well_formed``: fraction scoring 1 under ``format_reward``;
-    ``mean_thinking_chars`` / ``mean_thinking_words``: mean length of the thinking text over the
-    completions that think (0.0 if none; text between the first opening and the last closing tag);
-    ``mean_completion_chars`` / ``mean_completion_words``: over all completions.
-  """
+  """Host-side metrics about thinking, for logging: ``frac_thinking`` (fraction with a closed
+  ``<thinking>...</thinking>`` block, any position), ``frac_well_formed`` (fraction scoring 1 under
+  ``format_reward``), ``mean_thinking_chars`` / ``mean_thinking_words`` (length of the text between
+  the first opening and the last closing tag, over the completions that think; 0.0 if none), and
+  ``mean_completion_chars`` / ``mean_completion_words`` over all completions."""
   n = len(completions)
   think_chars, think_words, well_formed = [], [], 0
   for c in completions:

@@ -1,13 +1,10 @@
 """Math answer verifier: find the final answer in a completion and compare it with the gold one.
 
-Extraction order (``extract_answer``), applied to the text after the last ``</thinking>`` when
-that text is non-blank (numbers inside the thinking block are then ignored), else to the whole text:
-
-1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled),
-2. the last "The (final) answer is ...",
-3. the last "Answer: ..." (also "Final answer: ...", "**Answer:** ..."),
-4. the last GSM8K-style "#### ...",
-5. the last number in the text.
+Extraction (``extract_answer``) reads the text after the last ``</thinking>`` when that is
+non-blank (numbers inside the thinking block are then ignored), else the whole text, and takes the
+first found of: the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled); the last "The
+(final) answer is ..."; the last "Answer: ..." (also "Final answer: ...", "**Answer:** ..."); the
+last GSM8K-style "#### ..."; the last number in the text.
 
 Comparison (``answers_match``) normalizes thousands separators, whitespace, ``$``, a leading
 ``+``, the unicode minus, trailing periods, ``\\frac{a}{b}``, ``\\text{...}``, a trailing ``%``,
@@ -73,8 +70,7 @@ def _extract_from(text: str) -> str | None:
   if boxed is not None and boxed.strip():
     return boxed.strip()
   for pattern in (_ANSWER_IS_RE, _ANSWER_COLON_RE, _HASHES_RE):
-    matches = list(pattern.finditer(text))
-    for m in reversed(matches):
+    for m in reversed(list(pattern.finditer(text))):
       answer = _clean_phrase(m.group(1))
       if answer is not None:
         return answer
@@ -108,12 +104,7 @@ def _normalize(ans: str) -> str:
   s = "".join(s.split())  # all whitespace
   if "=" in s:  # "x=5" -> "5"
     s = s.rsplit("=", 1)[1]
-  s = s.rstrip(".")
-  if s.endswith("\\%"):
-    s = s[:-2]
-  s = s.rstrip("%")
-  if s.startswith("+"):
-    s = s[1:]
+  s = s.rstrip(".").removesuffix("\\%").rstrip("%").removeprefix("+")
   if _THOUSANDS_RE.match(s):
     s = s.replace(",", "")
   # "(1)/(2)" from \frac -> "1/2" when both parts are plain.
@@ -182,15 +173,8 @@ def answers_match(pred: Any, gold: Any, *, rel_tol: float = 1e-6) -> bool:
 
 
 def math_reward(completions: Sequence[str], answers: Sequence[Any]) -> np.ndarray:
-  """1.0 where the completion's extracted answer matches the gold answer, else 0.0.
-
-  Args:
-    completions: ``[batch]`` completion texts.
-    answers: ``[batch]`` gold answers (strings or numbers).
-
-  Returns:
-    float32 ``[batch]``.
-  """
+  """float32 ``[batch]``: 1.0 where the completion's extracted answer matches the gold answer
+  (a string or number), else 0.0. Raises ValueError when the two lengths differ."""
   if len(completions) != len(answers):
     raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
   return np.array([float(answers_match(extract_answer(c), a)) for c, a in zip(completions, answers)],

@@ -1,64 +1,57 @@
 """Runs untrusted, model-written Python against unit tests in a separate, locked-down process.
 
-What it is: process-level isolation with kernel namespaces and resource limits, good enough to
-score RL rollouts from a policy that may (accidentally or by reward hacking) write infinite loops,
-memory/fork bombs, gigabytes of output, or code that pokes at the host. What it is NOT: a VM or a
-security boundary against a kernel exploit, a malicious ``ctypes`` payload aimed at a kernel bug,
-or side channels. Run it on machines you can afford to lose if you face adversarial code.
+Process-level isolation (kernel namespaces, resource limits), good enough to score RL rollouts
+that may (accidentally or by reward hacking) write infinite loops, memory/fork bombs, gigabytes of
+output, or code that pokes at the host. NOT a VM, nor a boundary against a kernel exploit (e.g. a
+malicious ``ctypes`` payload) or side channels: run it on machines you can afford to lose if you
+face adversarial code.
 
-Each call to ``run_code_tests`` starts ``python -I -S -B -c <_sandbox_child.py>`` (isolated mode:
-no site-packages, no user site, PYTHON* env vars ignored) with an empty environment except
-``PATH``/``LC_ALL``, in a new session, with stdin closed. Layers, and who guarantees what:
+Each ``run_code_tests`` call starts ``python -I -S -B -c <_sandbox_child.py>`` (isolated mode: no
+site-packages, so the code sees only the stdlib; no user site; PYTHON* env vars ignored) with an
+empty environment except ``PATH``/``LC_ALL``, in a new session, with stdin closed.
 
-When the host process is root (the usual RL box / container), enforced by the kernel:
-  * uid: the code runs as a fresh uid from a private range (not 0, no groups, ``no_new_privs``),
-    unique per concurrent call within this process. It cannot signal, ptrace or read
-    ``/proc/<pid>/environ`` of the parent (different uid), so it cannot kill its parent.
-  * pid namespace: the code is pid 1 of a new pid namespace with a fresh ``/proc`` (host
-    processes are invisible); when it exits or is killed, the kernel kills every process it
-    forked, even ones that called ``setsid``. A launcher outside the namespace (root) relays its
-    status; ``PR_SET_PDEATHSIG`` kills the namespace if the launcher dies.
-  * ``RLIMIT_NPROC`` (default 32 tasks, counted per uid -- which is why each call gets its own
-    uid; root ignores NPROC, so without the uid drop it would not hold): fork bombs stall.
-  * network namespace: no interfaces except a down loopback; ``connect`` to anything, including
-    127.0.0.1, fails with "network unreachable".
-  * mount namespace: every mount is re-mounted read-only (per-mount flags of the private copy; the
-    host is unaffected); the only writable place is a fresh size-capped tmpfs (``disk_mb``) at the
-    sandbox directory, which is also cwd, ``HOME`` and ``TMPDIR``, and which vanishes with the
-    namespace. The interpreter's stdlib is bind-mounted read-only inside it.
-  * ipc and uts namespaces.
-Always (root or not):
-  * ``RLIMIT_AS`` = ``memory_mb`` (allocation beyond it raises ``MemoryError`` -> "memory"),
-    ``RLIMIT_CPU`` = ceil(``timeout_s``) + 1 s, ``RLIMIT_FSIZE`` (per file), ``RLIMIT_NOFILE``,
-    no core files.
-  * The parent enforces the wall-clock ``timeout_s`` (interpreter start-up included) and kills
-    the whole process group with ``SIGKILL`` (plus, when a uid was dropped to, every process
-    still owned by that uid).
+As root (the usual RL box / container), enforced by the kernel:
+  * uid: a fresh uid from a private range (not 0, no groups, ``no_new_privs``), unique per
+    concurrent call, so the code cannot signal, ptrace or read ``/proc/<pid>/environ`` of (or
+    kill) its parent.
+  * pid namespace: the code is pid 1 with a fresh ``/proc`` (host processes invisible); when it
+    exits or is killed the kernel kills everything it forked, ``setsid`` or not. A root launcher
+    outside relays its status; ``PR_SET_PDEATHSIG`` kills the namespace if the launcher dies.
+  * ``RLIMIT_NPROC`` (default 32 tasks, counted per uid -- hence a uid per call; root ignores
+    NPROC): fork bombs stall.
+  * network namespace: only a down loopback; ``connect`` to anything, 127.0.0.1 included, fails
+    with "network unreachable". Also ipc and uts namespaces.
+  * mount namespace: every mount re-mounted read-only (per-mount flags of the private copy; the
+    host is unaffected); the only writable place is a size-capped tmpfs (``disk_mb``) at the
+    sandbox directory (cwd, ``HOME``, ``TMPDIR``), gone with the namespace. The interpreter's
+    stdlib is bind-mounted read-only inside it.
+Always:
+  * ``RLIMIT_AS`` = ``memory_mb`` (beyond it ``MemoryError`` -> "memory"), ``RLIMIT_CPU`` =
+    ceil(``timeout_s``) + 1 s, ``RLIMIT_FSIZE`` (per file), ``RLIMIT_NOFILE``, no core files.
+  * The parent enforces the wall-clock ``timeout_s`` (start-up included) by ``SIGKILL`` of the
+    process group (and, after a uid drop, of every process still owned by that uid).
   * The parent reads at most ``max_output_bytes`` of stdout+stderr (and a bounded result
-    channel) and kills the child when exceeded ("output_limit"); its own memory stays bounded.
-Best effort only (Python-level, bypassable with ``_socket``/``ctypes``/``_posixsubprocess``):
-  * ``socket.socket`` is replaced by a raising stub; when the pid namespace or uid drop is
-    unavailable (not root, or ``unshare`` refused) ``os.fork``/``os.system``/``subprocess`` are
-    stubbed too. Without root, ``RLIMIT_NPROC`` counts all of the user's processes, the file
-    system is only protected by ordinary permissions, and the network is not isolated: treat a
-    non-root sandbox as protection against accidents, not against an adversary.
+    channel), killing the child beyond it ("output_limit"); its own memory stays bounded.
+Best effort (Python-level, bypassable with ``_socket``/``ctypes``/``_posixsubprocess``):
+  * ``socket.socket`` raises; without the pid namespace or uid drop (not root, or ``unshare``
+    refused) ``os.fork``/``os.system``/``subprocess`` raise too. Without root, ``RLIMIT_NPROC``
+    counts all the user's processes, files have only ordinary permissions and the network is not
+    isolated: protection against accidents, not against an adversary.
 
-Result channel: the parent generates a random nonce and sends it with the code on stdin (never in
-argv/env/files); the harness reads it before running user code and reports each test as a
-``<nonce> <json>`` line on an inherited pipe fd that is separate from stdout/stderr. Printing fake
-JSON, writing guessed lines to the fd, or exiting early therefore does not score: lines without
-the nonce are ignored, results must arrive in order exactly once and end with a "done" record,
-else the run is "crashed". NOT defended: code that introspects the harness's own frames
-(``sys._getframe``/``gc``) to learn the nonce, or that games the tests themselves (e.g. returning
-an object whose ``__eq__`` is always true) -- in-process tests cannot rule that out; watch for it
-in samples.
-
-The code sees only the standard library (no site-packages).
+Result channel: the parent sends a random nonce with the code on stdin (never argv/env/files); the
+harness reads it before running user code and reports each test as a ``<nonce> <json>`` line on an
+inherited pipe fd separate from stdout/stderr. Lines without the nonce are ignored, and results
+must arrive in order, exactly once, ending with a "done" record, else the run is "crashed": fake
+JSON, guessed lines or an early exit do not score. NOT defended: code that introspects the
+harness's frames (``sys._getframe``/``gc``) for the nonce, or games the tests themselves (an
+``__eq__`` that is always true) -- in-process tests cannot rule that out; watch for it in samples.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -88,24 +81,15 @@ _NOBODY = 65534
 _UID_RANGES = ((1_000_000_000, 1 << 20), (40_000, 20_000))
 _uid_lock = threading.Lock()
 _uids_in_use: set[int] = set()
-_child_source: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class CodeResult:
-  """Outcome of one sandboxed run.
-
-  Attributes:
-    passed: number of tests that passed (0 unless the solution itself ran).
-    total: number of tests.
-    status: one of ``STATUSES``: "ok" (all passed) / "failed" / "timeout" / "memory" /
-      "crashed" / "syntax_error" / "output_limit".
-    stdout: first bytes of the child's stdout (decoded, for debugging).
-    stderr: first bytes of the child's stderr.
-    error: a short reason (first failing exception, setup error, ...).
-    wall_s: wall-clock seconds of the run.
-    layers: isolation layers that were active (e.g. ``("netns", "mountns", "pidns", "rofs", "uid")``).
-  """
+  """Outcome of one sandboxed run: ``passed`` of ``total`` tests (0 unless the solution itself ran);
+  ``status`` one of ``STATUSES`` ("ok" = all passed); the first bytes of the child's ``stdout`` and
+  ``stderr`` (decoded, for debugging); ``error`` a short reason (first failing exception, setup
+  error, ...); ``wall_s`` wall-clock seconds; ``layers`` the isolation layers that were active
+  (e.g. ``("netns", "mountns", "pidns", "rofs", "uid")``)."""
 
   passed: int
   total: int
@@ -122,12 +106,10 @@ class CodeResult:
     return self.passed / self.total if self.total else 0.0
 
 
+@functools.lru_cache(maxsize=None)
 def _read_child_source() -> str:
-  global _child_source
-  if _child_source is None:
-    with open(_CHILD_SOURCE_PATH) as f:
-      _child_source = f.read()
-  return _child_source
+  with open(_CHILD_SOURCE_PATH) as f:
+    return f.read()
 
 
 def _uid_range() -> tuple[int, int] | None:
@@ -168,43 +150,35 @@ def _release_uid(uid: int | None) -> None:
     _uids_in_use.discard(uid)
 
 
-def _pids_of_uid(uid: int) -> list[int]:
-  """Live (non-zombie) processes whose real uid is ``uid``."""
-  pids = []
+def _processes():
+  """``(pid, real uid, is_zombie)`` of every process whose ``/proc`` status is readable."""
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
       continue
     try:
       with open(f"/proc/{entry}/status") as f:
         fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
-      if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-        pids.append(int(entry))
+      proc = int(entry), int(fields["Uid"].split()[0]), fields["State"].strip().startswith("Z")
     except (OSError, ValueError, KeyError):
       continue
-  return pids
+    yield proc
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+  """Live (non-zombie) processes whose real uid is ``uid``."""
+  return [pid for pid, owner, zombie in _processes() if owner == uid and not zombie]
 
 
 def stray_sandbox_processes() -> list[int]:
-  """Pids of live processes owned by sandbox uids (should be empty between runs)."""
+  """Pids of processes owned by sandbox uids (should be empty between runs)."""
   rng = sandbox_uid_range()
   if rng is None:
     return []
   start, size = rng
-  out = []
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f"/proc/{entry}/status") as f:
-        uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-    except (OSError, ValueError, StopIteration):
-      continue
-    if start <= uid < start + size:
-      out.append(int(entry))
-  return out
+  return [pid for pid, owner, _ in _processes() if start <= owner < start + size]
 
 
-def _kill_uid(uid: int) -> None:
+def _kill_uid(uid: int | None) -> None:
   """SIGKILLs every process owned by ``uid`` (repeats: a fork bomb may race the sweep)."""
   if uid in (None, 0, _NOBODY):  # never sweep a shared uid
     return
@@ -213,17 +187,9 @@ def _kill_uid(uid: int) -> None:
     if not pids:
       return
     for pid in pids:
-      try:
+      with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
-      except (ProcessLookupError, PermissionError):
-        pass
     time.sleep(0.01)
-
-
-def _status_from_exit(returncode: int) -> tuple[str, str]:
-  if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
-    return "timeout", "CPU time limit"
-  return "crashed", f"exit status {returncode}"
 
 
 def run_code_tests(
@@ -249,11 +215,9 @@ def run_code_tests(
     max_output_bytes: stdout+stderr bytes read before the run is killed ("output_limit").
     max_procs: ``RLIMIT_NPROC`` (tasks of the sandbox uid, threads included).
     disk_mb: size of the writable tmpfs working directory (root only).
-    max_file_bytes: ``RLIMIT_FSIZE``.
-    max_open_files: ``RLIMIT_NOFILE``.
+    max_file_bytes, max_open_files: ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``.
 
-  Returns:
-    A ``CodeResult``. Never raises for anything the code does.
+  Returns a ``CodeResult``; never raises for anything the code does.
   """
   tests = list(tests)
   total = len(tests)
@@ -263,13 +227,13 @@ def run_code_tests(
   os.chmod(workdir, 0o755)
   if uid is not None:
     os.chown(workdir, uid, uid)  # used as-is only if the mount namespace is unavailable
+  result_r, result_w = os.pipe()
   config = {
       "nonce": nonce, "code": code, "tests": tests, "uid": uid, "workdir": workdir, "disk_mb": disk_mb,
       "limits": {"cpu_s": int(math.ceil(timeout_s)) + 1, "as_bytes": int(memory_mb) << 20,
                  "fsize_bytes": int(max_file_bytes), "nofile": int(max_open_files), "nproc": int(max_procs)},
+      "result_fd": result_w,
   }
-  result_r, result_w = os.pipe()
-  config["result_fd"] = result_w
   start = time.monotonic()
   proc = None
   try:
@@ -287,29 +251,21 @@ def run_code_tests(
       if proc.returncode is None:  # not reaped yet, so its pgid cannot have been reused
         _kill_group(proc)
       proc.wait()
-      for f in (proc.stdin, proc.stdout, proc.stderr):
-        if f is not None:
-          try:
-            f.close()
-          except OSError:
-            pass
-    try:
+      for f in (proc.stdin, proc.stdout, proc.stderr):  # all pipes, never None
+        with contextlib.suppress(OSError):
+          f.close()
+    with contextlib.suppress(OSError):
       os.close(result_r)
-    except OSError:
-      pass
-    if uid is not None:
-      _kill_uid(uid)
-      _release_uid(uid)
+    _kill_uid(uid)
+    _release_uid(uid)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
   # The session leader is never reaped before this (we only ever waitid(..., WNOWAIT)), so its
   # pid, which is also the process-group id, cannot have been reused.
-  try:
+  with contextlib.suppress(ProcessLookupError, PermissionError):
     os.killpg(proc.pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
-    pass
 
 
 def _exited(proc: subprocess.Popen) -> bool:
@@ -324,20 +280,17 @@ _STREAM_KEEP = 8 << 10  # bytes of stdout/stderr kept for the CodeResult
 
 
 def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes, uid) -> CodeResult:
-  try:
+  with contextlib.suppress(OSError):  # BrokenPipeError included
     proc.stdin.write(json.dumps(config).encode("utf-8"))
     proc.stdin.close()
-  except (BrokenPipeError, OSError):
-    pass
   nonce = config["nonce"]
   deadline = start + timeout_s
   max_result_bytes = (64 << 10) + 1024 * total
   sel = selectors.DefaultSelector()
   bufs = {"out": bytearray(), "err": bytearray(), "res": bytearray()}
-  sel.register(proc.stdout, selectors.EVENT_READ, "out")
-  sel.register(proc.stderr, selectors.EVENT_READ, "err")
   os.set_blocking(result_r, False)
-  sel.register(result_r, selectors.EVENT_READ, "res")
+  for f, name in ((proc.stdout, "out"), (proc.stderr, "err"), (result_r, "res")):
+    sel.register(f, selectors.EVENT_READ, name)
   output_bytes = 0
   limit_hit = timed_out = False
   exit_seen_at = None
@@ -351,9 +304,8 @@ def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes
     if exit_seen_at is not None and now - exit_seen_at > 0.5:
       break  # leader gone but something still holds the pipes (no pid namespace): stop reading
     for key, _ in sel.select(timeout=min(0.05, max(deadline - now, 0.0))):
-      fd = key.fileobj if isinstance(key.fileobj, int) else key.fileobj.fileno()
       try:
-        chunk = os.read(fd, 65536)
+        chunk = os.read(key.fd, 65536)
       except BlockingIOError:
         continue
       except OSError:
@@ -364,29 +316,25 @@ def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes
       name = key.data
       if name == "res":
         bufs["res"] += chunk
-        if len(bufs["res"]) > max_result_bytes:
-          limit_hit = True
+        limit_hit |= len(bufs["res"]) > max_result_bytes
       else:
         output_bytes += len(chunk)
         keep = _STREAM_KEEP - len(bufs[name])
         if keep > 0:
           bufs[name] += chunk[:keep]
-        if output_bytes > max_output_bytes:
-          limit_hit = True
+        limit_hit |= output_bytes > max_output_bytes
     if limit_hit:
       break
   sel.close()
   # Kill the sandboxed processes first, so the launcher reaps its child and exits on its own
   # (killing the launcher first would leave the namespace's init for the host's pid 1 to reap).
-  if uid is not None:
-    _kill_uid(uid)
+  _kill_uid(uid)
   try:
     returncode = proc.wait(timeout=1.0)
   except subprocess.TimeoutExpired:
     _kill_group(proc)
     returncode = proc.wait()
-  if uid is not None:
-    _kill_uid(uid)
+  _kill_uid(uid)
   wall_s = time.monotonic() - start
   stdout = bufs["out"].decode("utf-8", "replace")
   stderr = bufs["err"].decode("utf-8", "replace")
@@ -447,11 +395,12 @@ def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes
   if terminal == "solution_error":
     return result("memory" if memory else "crashed")
   if not done:
-    status, why = _status_from_exit(returncode)
+    if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+      status, why = "timeout", "CPU time limit"
+    else:
+      status, why = "crashed", f"exit status {returncode}"
     error = error or why
-    if "MemoryError" in stderr:
-      status = "memory"
-    return result(status, passed)
+    return result("memory" if "MemoryError" in stderr else status, passed)
   if memory:
     return result("memory", passed)
   return result("ok" if passed == total else "failed", passed)
@@ -460,11 +409,11 @@ def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes
 class CodeSandboxPool:
   """Scores many (code, tests) pairs in parallel, one sandboxed process per pair.
 
-  Threads only wait on subprocesses, so ``max_workers`` bounds concurrent sandboxes (CPU load).
+  Threads only wait on subprocesses, so ``max_workers`` bounds concurrent sandboxes (CPU load);
+  ``run_kwargs`` (timeout_s, memory_mb, ...) are defaults for ``run_code_tests``.
   """
 
   def __init__(self, max_workers: int | None = None, **run_kwargs: Any):
-    """``run_kwargs`` (timeout_s, memory_mb, ...) are defaults for ``run_code_tests``."""
     self.max_workers = max_workers or os.cpu_count() or 1
     self.run_kwargs = run_kwargs
     self._executor = concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="sandbox")
@@ -498,9 +447,7 @@ def extract_code(completion: str) -> str:
   for lang, body in reversed(blocks):
     if lang.lower() in ("python", "py", "python3", ""):
       return body
-  if blocks:
-    return blocks[-1][1]
-  return text
+  return blocks[-1][1] if blocks else text
 
 
 _default_pool: CodeSandboxPool | None = None
@@ -524,11 +471,11 @@ def code_reward_fn(prompts: Sequence[str], completions: Sequence[str], tests: Se
   """
   del prompts, unused_fields
   n = len(completions)
+  scores = np.full([n], np.nan, np.float32)
   if tests is None:
-    return np.full([n], np.nan, np.float32)
+    return scores
   if len(tests) != n:
     raise ValueError(f"{n} completions but {len(tests)} test lists")
-  scores = np.full([n], np.nan, np.float32)
   idx = [i for i in range(n) if tests[i]]
   results = (pool or _get_default_pool()).run([extract_code(completions[i]) for i in idx], [tests[i] for i in idx])
   for i, r in zip(idx, results):

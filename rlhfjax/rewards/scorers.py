@@ -1,17 +1,13 @@
 """Scorers: what turns one RL iteration's rollout into one score per response.
 
-One protocol, two implementations:
-
     scorer(texts: list[str], examples: list[dict], rollout: Rollout) -> (scores [B] np.float32, metrics)
 
-* `verifier_scorer(spec)`: reward functions on the decoded text (math, format, code, user functions;
-  `rlhfjax.rewards.base`), weighted, on the host;
-* `reward_model_scorer(params, model_cfg)`: a trained reward model (or ensemble) on the device
-  rollout's tokens, `[prompt | response]`.
-
-`examples` are the rollout's prompts' records (one per row, with `answer`, `tests`, ...). A NaN score
-means "could not score" (the RL loop's `nan_reward` decides what happens to it). The reward model's
-jitted scoring (`score`, `ensemble_score`, `score_batched`) is here too.
+`verifier_scorer(spec)` weighs reward functions on the decoded text (math, format, code, user
+functions; `rlhfjax.rewards.base`) on the host; `reward_model_scorer(params, model_cfg)` runs a
+trained reward model (or ensemble) on the device rollout's `[prompt | response]` tokens; the reward
+model's jitted scoring (`score`, `ensemble_score`, `score_batched`) is here too. `examples` are the
+rows' prompt records (`answer`, `tests`, ...). A NaN score means "could not score" (the RL loop's
+`nan_reward` decides what happens to it).
 """
 
 from __future__ import annotations
@@ -39,19 +35,14 @@ def _nanmean(x) -> float:
   return float(x[ok].mean()) if ok.any() else float("nan")
 
 
-def _is_number(s: str) -> bool:
-  try:
-    float(s)
-    return True
-  except ValueError:
-    return False
-
-
 def _split_weight(part: str) -> tuple[str, float]:
   """"math:0.5" -> ("math", 0.5); "pkg.mod:fn" -> ("pkg.mod:fn", 1.0); "pkg.mod:fn:2" -> (.., 2.0)."""
   head, sep, tail = part.rpartition(":")
-  if sep and _is_number(tail):
-    return head, float(tail)
+  if sep:
+    try:
+      return head, float(tail)
+    except ValueError:
+      pass
   return part, 1.0
 
 
@@ -75,9 +66,8 @@ def verifier_scorer(spec: str, nan_reward: str = "zero") -> Scorer:
 
   def score(texts, examples, rollout):
     del rollout
-    fields = {"answer": [e["answer"] for e in examples]}
     total, per_fn, nan_counts = combine_rewards(weights, [e["prompt"] for e in examples], texts,
-                                                nan_policy=policy, **fields)
+                                                nan_policy=policy, answer=[e["answer"] for e in examples])
     metrics = {f"reward_{k}": _nanmean(v) for k, v in per_fn.items()}
     metrics.update({f"reward_nan_{k}": float(v) for k, v in nan_counts.items()})
     return np.asarray(total, np.float32), metrics
@@ -115,13 +105,9 @@ def _forward(params, tokens, mask, model_cfg, pool):
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "pool"))
 def score(params, tokens, mask, *, model_cfg: TransformerConfig, pool: str = "last"):
-  """Normalized reward of each sequence: [B, T] tokens/mask -> [B] float32.
-
-  Sequences are `[left-padded prompt | right-padded response]` (`rlhfjax.models.sequence`); the
-  score is read at the last real token. Jitted and batched; sharded inputs give sharded outputs
-  (the batch axis stays where it is). Bind the config with `make_scorer` for `score(params, tokens,
-  mask)`.
-  """
+  """Normalized reward of each `[left-padded prompt | right-padded response]` sequence, read at its
+  last real token: [B, T] tokens/mask -> [B] float32. Sharded inputs give sharded outputs (the batch
+  axis stays where it is); `make_scorer` binds the config."""
   return _forward(params, tokens, mask, model_cfg, pool)
 
 
@@ -144,7 +130,6 @@ def make_scorer(model_cfg: TransformerConfig, *, ensemble: bool = False, uncerta
   return functools.partial(score, model_cfg=model_cfg, pool=pool)
 
 
-
 def score_batched(params, tokens, mask, model_cfg, *, ensemble: bool = False, batch_size: int = 0,
                   pool: str = "last"):
   """Host helper: scores of many sequences in fixed-shape chunks -> NumPy [M] (or [N, M])."""
@@ -155,12 +140,10 @@ def score_batched(params, tokens, mask, model_cfg, *, ensemble: bool = False, ba
   if pad:
     tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
     mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
-  out = []
-  for i in range(0, tokens.shape[0], bs):
-    if ensemble:
-      out.append(np.asarray(ensemble_score(params, tokens[i:i + bs], mask[i:i + bs],
-                                           model_cfg=model_cfg, pool=pool)["members"]))
-    else:
-      out.append(np.asarray(score(params, tokens[i:i + bs], mask[i:i + bs], model_cfg=model_cfg,
-                                  pool=pool)))
+  if ensemble:
+    fn = lambda t, k: ensemble_score(  # noqa: E731
+        params, t, k, model_cfg=model_cfg, pool=pool)["members"]
+  else:
+    fn = lambda t, k: score(params, t, k, model_cfg=model_cfg, pool=pool)  # noqa: E731
+  out = [np.asarray(fn(tokens[i:i + bs], mask[i:i + bs])) for i in range(0, tokens.shape[0], bs)]
   return np.concatenate(out, axis=-1)[..., :m]
