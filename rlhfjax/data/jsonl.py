@@ -1,10 +1,34 @@
-"""Reader for user-supplied JSONL prompt/response files."""
+"""JSONL: the one line-by-line object reader (`iter_objects`), and prompt/response files (`read_jsonl`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from typing import Callable, Iterator
+
+
+def iter_objects(path: str, on_bad: Callable[[int, str], None]) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, object) for each line of `path` that is a JSON object, in order.
+
+  Blank lines are skipped; any other line calls `on_bad(line_number, reason)` ("invalid JSON" or
+  "not an object") when it is reached, so reports built from both see bad lines in file order.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data file {path!r} not found")
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError:
+        on_bad(lineno, "invalid JSON")
+        continue
+      if isinstance(obj, dict):
+        yield lineno, obj
+      else:
+        on_bad(lineno, "not an object")
 
 
 def read_jsonl(
@@ -32,27 +56,14 @@ def read_jsonl(
     list of dicts with keys "prompt", plus "response" / "answer" when those keys are requested
     (and the bad lines when `return_bad`).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"JSONL file {path!r} not found")
   wanted = {"prompt": prompt_key, "response": response_key, "answer": answer_key}
   wanted = {k: v for k, v in wanted.items() if v is not None}
   out, bad = [], []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        bad.append((lineno, "invalid JSON"))
-        continue
-      if not isinstance(obj, dict):
-        bad.append((lineno, "not an object"))
-        continue
-      missing = [src for src in wanted.values() if src not in obj or obj[src] is None]
-      if missing:
-        bad.append((lineno, f"missing {missing}"))
-        continue
+  for lineno, obj in iter_objects(path, lambda n, why: bad.append((n, why))):
+    missing = [src for src in wanted.values() if src not in obj or obj[src] is None]
+    if missing:
+      bad.append((lineno, f"missing {missing}"))
+    else:
       out.append({k: str(obj[src]) for k, src in wanted.items()})
   if bad:
     shown = ", ".join(f"line {n}: {why}" for n, why in bad[:5])

@@ -38,6 +38,7 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from rlhfjax.data.jsonl import iter_objects
 from rlhfjax.data.records import RecordView, decode_value
 
 log = logging.getLogger("rlhfjax")
@@ -193,23 +194,7 @@ def validate_records(records: Iterable[dict], kind: Kind, *, tokenizer=None, max
 
 
 def _read_objects(path: str, report: SkipReport) -> list[dict]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"preference file {path!r} not found")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        report.add(f"line {lineno}", "invalid JSON")
-        continue
-      if not isinstance(obj, dict):
-        report.add(f"line {lineno}", "not an object")
-        continue
-      out.append(obj)
-  return out
+  return [o for _, o in iter_objects(path, lambda n, why: report.add(f"line {n}", why))]
 
 
 def read_pairs_jsonl(path: str, *, prompt_key: str = "prompt", chosen_key: str = "chosen",
