@@ -7,21 +7,13 @@
     python -m rlhfjax.bench ppo_update --epochs=4 --minibatch=4 --variant=shard_map
     python -m rlhfjax.bench rm_score --ensemble=4
 
-Every run first measures the machine's matmul peak *in the same process* (a jitted square matmul
-timed after warmup), and reports achieved FLOP/s as a ratio of it ("MFU vs measured matmul peak"):
-on a shared CPU the absolute numbers move with the load, the ratio much less.
+Every run first measures the matmul peak in the same process and reports achieved FLOP/s as a
+ratio of it (on a shared CPU absolute numbers move with the load, the ratio much less).
 
-Every bench is registered here, in `BENCHES` (name -> function); `all` runs them all, in that
-order. A bench is a function `bench_x(*, peak, **flags) -> row dict` (`common.result`): `peak` is
-`matmul_peak()`'s dict, the flags are the command line's, keywords a bench does not take are ignored.
-The benches live in submodules that import only `rlhfjax.bench.common`, never this package:
-  * lm.py: sample (`sampling.generate`), sft (the jitted SFT step);
-  * rl.py: rl_step (one RL iteration, by phase), ppo_update (the jitted PPO update);
-  * rm.py: rm_score (reward-model scoring);
-  * common.py: timing, the matmul peak, the standard model shape, meshes, compiled memory.
-Each module's docstring says how its FLOPs are counted. Defaults are sized for a 2-core CPU; raise
-them with flags (`--batch`, `--seq`, `--d_model`, ...) on an accelerator. Heavy imports (JAX, Flax,
-optax) happen inside the functions so `--help` is instant.
+`BENCHES` registers every bench (`all` runs them in order): `bench_x(*, peak, **flags) -> row dict`
+(`common.result`), ignoring flags it does not take. They live in lm.py (sample, sft), rl.py
+(rl_step, ppo_update) and rm.py (rm_score), which import only `common.py`; each module's docstring
+says how its FLOPs are counted. Defaults suit a 2-core CPU; heavy imports happen inside functions.
 """
 
 from __future__ import annotations

@@ -1,17 +1,15 @@
 """RL benches: `rl_step` (one whole RL iteration, by phase) and `ppo_update` (the jitted PPO update).
 
-Both build the RL core the way the `rl` / `ppo` stages do (`rlhfjax.train.rl`): `RLModels` of the
-built-in transformer, `RLOptimConfig.optimizers`, `init_rl_state`, `make_experience_fn` and
-`make_rl_update` (or `make_rl_update_shard_map` with `--variant=shard_map`).
+Both build the RL core as the `rl` / `ppo` stages do: `builtin_models`, `RLOptimConfig.optimizers`,
+`init_rl_state`, `make_experience_fn`, `make_rl_update` (`make_rl_update_shard_map` with
+`--variant=shard_map`).
 
 FLOPs (analytic, `TransformerConfig.forward_flops_per_token`, 2 per multiply-add):
   * rl_step: the sample's (as `sample`) + one forward per model in make_experience (policy,
-    reference, and the critic for PPO) + 3 x forward per trained model per epoch.
-  * ppo_update: per epoch, policy forward + backward = 3 x forward (LM head included) and critic
-    forward + backward = 3 x forward (no LM head; the [D] -> 1 value head is negligible), over all
-    `batch x seq` tokens; x epochs. Optimizer and loss element-wise work are not counted.
-    make_experience (policy + reference forwards with LM head + critic forward) is timed separately
-    and reported on an extra line.
+    reference, PPO's critic) + 3 x forward per trained model per epoch.
+  * ppo_update: per epoch 3 x forward for the policy (LM head included) and for the critic (no LM
+    head) over all `batch x seq` tokens; optimizer and element-wise work not counted.
+    make_experience is timed separately and reported on an extra line.
 
     python -m rlhfjax.bench rl_step --algo grpo        # seconds per RL iteration split by phase
     python -m rlhfjax.bench ppo_update                 # d512 L8 T256, 8 sequences, 1 epoch
@@ -34,16 +32,14 @@ def rl_core(algo, model_cfg, optim, total_steps: int, mesh, rules, *, variant: s
   the policy from key 0 (the reference a copy of it), PPO's critic fresh."""
   import jax
   import jax.numpy as jnp
-  from rlhfjax.models import PolicyModel, PolicyValueModel, ValueModel, init_params
-  from rlhfjax.train.rl import (RLModels, init_rl_state, make_experience_fn, make_rl_update,
-                                rl_state_shardings)
+  from rlhfjax.models import init_params
+  from rlhfjax.train.rl import init_rl_state, make_experience_fn, make_rl_update, rl_state_shardings
   from rlhfjax.train.rl_shard_map import make_rl_update_shard_map
+  from rlhfjax.train.rl_stage import builtin_models
 
   if variant not in ("jit", "shard_map"):
     raise ValueError(f"variant must be jit or shard_map, got {variant!r}")
-  models = RLModels(policy=PolicyModel(model_cfg),
-                    critic=ValueModel(model_cfg) if algo.separate_critic else None,
-                    actor_critic=PolicyValueModel(model_cfg) if algo.shared_trunk else None)
+  models = builtin_models(model_cfg, algo)
   ptx, vtx = optim.optimizers(total_steps)
   policy_params = init_params(models.policy, jax.random.key(0))
   state = init_rl_state(models, algo, ptx, vtx, mesh, rules, jax.random.key(1), policy_params)
@@ -60,14 +56,11 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
                   batch: int = 16, group: int = 8, new_tokens: int = 40, steps: int = 3,
                   epochs: int = 1, minibatch: int = 0, microbatch: int = 0, variant: str = "jit",
                   dtype: str = "float32", devices: str = "one", **_) -> dict:
-  """One verifier-reward RL iteration on the arithmetic task, seconds per phase.
+  """Seconds per phase of one verifier-reward RL iteration on the arithmetic task: sample -> score
+  (decode + `math_reward` on the host) -> experience -> update, each blocked until ready.
 
-  sample (`sampling.generate`, tokens to host) -> score (decode + `math_reward` on the host) ->
-  experience (jitted `make_experience`: policy / reference / critic forwards, advantages) ->
-  update (jitted, donated `rl_update`: epochs x minibatches). `jax.block_until_ready` after each
-  phase, so each is charged its own device time. The policy is freshly initialized and EOS is
-  disabled, so every row decodes all `new_tokens` (a random policy would stop at random points);
-  `batch` prompts x `group` samples per prompt, one minibatch of all of them unless `minibatch`.
+  A fresh policy with EOS disabled decodes all `new_tokens` for `batch` prompts x `group` samples;
+  one minibatch of all of them unless `minibatch`.
   """
   import os
   import tempfile
@@ -147,12 +140,9 @@ def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab
                      minibatch: int = 0, microbatch: int = 0, steps: int = 2,
                      dtype: str = "float32", devices: str = "one", remat: bool = False,
                      variant: str = "jit", **_) -> dict:
-  """Response tokens/s and FLOP/s of one PPO update (policy + critic), compile excluded.
-
-  Times the jitted, sharded, state-donating update of PPO — `epochs` x minibatches — on a random
-  rollout batch of `batch` sequences of `seq` tokens (`prompt` of them prompt, the rest response,
-  all real; default `seq // 4`), after one warm-up call.
-  """
+  """Response tokens/s and FLOP/s of one jitted PPO update (policy + critic, `epochs` x minibatches,
+  compile excluded) on `batch` random sequences of `seq` real tokens, `prompt` (default `seq // 4`)
+  of them prompt."""
   import jax
   import jax.numpy as jnp
   import numpy as np

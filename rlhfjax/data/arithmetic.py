@@ -6,25 +6,15 @@ Each problem is a dict:
   demonstration  the teacher's response: optional <thinking> scratchpad, then "The answer is N."
   has_carry      whether the true column computation carries (or borrows, for "-") anywhere
 
-The teacher computes column by column like a schoolchild. With `flaw="drop_carry"` it has a
-systematic weakness: each time a carry (a borrow for "-") occurs it forgets it with probability
-`flaw_prob`, both in the scratchpad and in the final answer. With `flaw_prob=1` its answer is
-wrong exactly on the problems with a carry — a bias an RL verifier can fix and SFT can't.
+The teacher computes column by column. With `flaw="drop_carry"` it forgets each carry (borrow for
+"-") with probability `flaw_prob`, in the scratchpad and the answer: with `flaw_prob=1` it is wrong
+exactly on problems with a carry — a bias an RL verifier can fix and SFT can't. `"drop_final_carry"`
+forgets only the carry out of the leading column ("47 + 68 = 15"; for "*" of each partial product
+and their sum); with `flaw_prob < 1` the right behaviour still appears for RL to amplify.
 
-`flaw="drop_final_carry"` is a narrower class: the teacher handles every inner carry right and
-forgets only the carry out of the *leading* column — the new leading digit ("47 + 68 = 15"; for
-"*" the leading carry of each partial product and of their sum). Other carries are written
-correctly, so the weakness is one systematic class; with `flaw_prob < 1` the right behaviour
-still appears in some demonstrations, which is what lets RL from the SFT policy amplify it.
-
-A teacher can also have *style* habits a person grading answers dislikes: with `chatter > 0` a
-demonstration carries 1–3 filler sentences ("Anyway.", "As you can see.") around the final answer
-with that probability, and with `repeat > 0` it says the final answer twice. SFT copies these habits
-along with the arithmetic; the simulated human (`rlhfjax.data.labeler`) prefers concise answers, so
-RLHF against a reward model learned from its comparisons has something real to remove.
-
-Splits are disjoint by construction: each distinct question is assigned to "train" or "test" by a
-stable hash of its text, so no test question appears in train for any seed or size.
+Style habits the simulated human dislikes: with probability `chatter` 1–3 `FILLER` sentences
+around the answer, with probability `repeat` the answer said twice. Splits are disjoint: a stable
+hash of the question text assigns it to "train" or "test" for any seed or size.
 """
 
 from __future__ import annotations

@@ -24,40 +24,19 @@ from rlhfjax.tokenizer import Tokenizer
 class DataIterator:
   """Epoch-shuffled batches over a random-access dataset, resumable exactly from `get_state()`.
 
-  Epoch `e`'s order is a pure function of (seed, e): a permutation of all examples, of which host
-  `i` of `n` takes positions i, i+n, i+2n, … (the last `len % n` positions are dropped so every
-  host has the same number of steps). Hosts therefore read disjoint shards and stay in lockstep.
+  Epoch `e`'s order is a permutation seeded by (seed, e) of which host `i` of `n` takes positions
+  i, i+n, … (the last `len % n` dropped): disjoint shards, hosts in lockstep. The state `{"epoch",
+  "index"}` (taken after a step's batches) makes `set_state` continue with exactly the next batch.
 
-  The state `{"epoch", "index"}` says where the next batch starts in this host's epoch order; save
-  it in the checkpoint with the step it belongs to (taken *after* the batches that step consumed)
-  and `set_state` on resume continues with exactly the next batch — nothing skipped or repeated.
+  `batch_size` is per host; `process_index` / `process_count` default to JAX's; `collate` turns a
+  list of examples into a batch (default: the list); `num_epochs=None` iterates forever;
+  `drop_remainder` drops an epoch's short last batch (static shapes under jit).
   """
 
-  def __init__(
-      self,
-      examples: Sequence[Any],
-      batch_size: int,
-      *,
-      seed: int,
-      shuffle: bool = True,
-      drop_remainder: bool = True,
-      process_index: int | None = None,
-      process_count: int | None = None,
-      collate: Callable[[list[Any]], Any] | None = None,
-      num_epochs: int | None = None,
-  ):
-    """Args:
-      examples: random-access sequence (list, or a TFDS data source via `load_arithmetic`).
-      batch_size: examples per batch on this host (global batch = batch_size * process_count).
-      seed: shuffle seed; the same seed gives the same order on every host and every run.
-      shuffle: reshuffle every epoch; otherwise dataset order.
-      drop_remainder: drop a final short batch of an epoch (keeps shapes static under jit).
-      process_index: this host's index; defaults to `jax.process_index()`.
-      process_count: number of hosts; defaults to `jax.process_count()`.
-      collate: turns a list of examples into a batch (e.g. `functools.partial(collate_sft, …)`);
-        default returns the list.
-      num_epochs: stop after this many epochs; None iterates forever.
-    """
+  def __init__(self, examples: Sequence[Any], batch_size: int, *, seed: int, shuffle: bool = True,
+               drop_remainder: bool = True, process_index: int | None = None,
+               process_count: int | None = None, collate: Callable[[list[Any]], Any] | None = None,
+               num_epochs: int | None = None):
     if process_index is None or process_count is None:
       import jax  # only needed for multi-host defaults
       process_index = jax.process_index() if process_index is None else process_index
@@ -142,12 +121,8 @@ def _response_text(ex: dict) -> str:
   raise KeyError(f"SFT example needs a 'response' or 'demonstration' field, got keys {sorted(ex)}")
 
 
-def collate_sft(
-    examples: Sequence[dict],
-    tokenizer: Tokenizer,
-    max_prompt_len: int,
-    max_response_len: int,
-) -> dict[str, np.ndarray]:
+def collate_sft(examples: Sequence[dict], tokenizer: Tokenizer, max_prompt_len: int,
+                max_response_len: int) -> dict[str, np.ndarray]:
   """Prompt + response batch for SFT (layout in the module docstring).
 
   Examples need "prompt" (the question) and "response" (or "demonstration", the arithmetic
@@ -161,16 +136,9 @@ def collate_sft(
   mask = np.concatenate([prompt_mask, response_mask], axis=1)
   loss_mask = np.concatenate([np.zeros_like(prompt_mask), response_mask], axis=1).astype(np.float32)
   positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
-  return {
-      "prompt_ids": prompt_ids,
-      "prompt_mask": prompt_mask,
-      "response_ids": response_ids,
-      "response_mask": response_mask,
-      "tokens": tokens,
-      "mask": mask,
-      "loss_mask": loss_mask,
-      "positions": positions,
-  }
+  return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+          "response_mask": response_mask, "tokens": tokens, "mask": mask, "loss_mask": loss_mask,
+          "positions": positions}
 
 
 def collate_prompts(examples: Sequence[dict], tokenizer: Tokenizer, max_prompt_len: int) -> dict:
@@ -178,12 +146,8 @@ def collate_prompts(examples: Sequence[dict], tokenizer: Tokenizer, max_prompt_l
   host-side lists `prompts` (question text) and `answers` (gold answer str, or None if absent)."""
   prompts = [ex["prompt"] for ex in examples]
   prompt_ids, prompt_mask = tokenizer.encode_prompts(prompts, max_prompt_len)
-  return {
-      "prompt_ids": prompt_ids,
-      "prompt_mask": prompt_mask,
-      "prompts": prompts,
-      "answers": [ex.get("answer") for ex in examples],
-  }
+  return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompts": prompts,
+          "answers": [ex.get("answer") for ex in examples]}
 
 
 def encode_sequences(tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str],

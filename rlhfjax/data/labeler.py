@@ -1,36 +1,24 @@
 """A simulated human labeler for the arithmetic task: a hidden gold preference plus Bradley–Terry noise.
 
-The gold preference is what a person grading short math answers would say: right answers first,
-showing the work is good, saying the same thing twice or padding the answer with chatter is bad.
-For a response `y` to the question `x` with true answer `a`:
+The gold preference is a person grading short math answers: right answers first, showing the work
+is good, repeating or padding the answer is bad. For a response `y` to `x` with true answer `a`:
 
     gold(x, y, a) = 2.0 * correct       # the last "The answer is N." states N == a
                   + 0.5 * shows_work    # a <thinking> ... </thinking> scratchpad precedes that answer
                   - 1.0 * repeats       # sentences outside the scratchpad said again (each repeat)
                   - 0.1 * extra_words   # words outside the scratchpad beyond one "The answer is N."
 
-(weights in `GoldPreference`). A reward model never sees this function or the answer: the prompt
-alone does not say which of two responses is better, only the labels do.
+(weights in `GoldPreference`). A reward model sees neither this function nor the answer.
 
-The labeler's response pool for a prompt mixes what the SFT policy really says with programmatic
-variations of it, so every term of the gold function is exercised:
+A prompt's response pool is `policy_samples` SFT-policy samples plus `perturbations` variants of
+them with one or two edits (`PERTURBATIONS`: `wrong_answer` changes the final answer, `repeat`
+says it twice, `drop_thinking` removes the scratchpad, `filler` adds chatter, `no_answer` stops
+before the answer; `wrong_answer` never with `drop_thinking`, so correctness stays checkable).
 
-  * `policy_samples` samples of the SFT policy at `sample_temperature` (1.0);
-  * `perturbations` variants, each a policy sample with one or two edits: `wrong_answer` (the
-    final answer changed by ±1, ±10 or a random offset, the scratchpad left as it was), `repeat`
-    ("The answer is 85. The answer is 85."), `drop_thinking` (the scratchpad removed), `filler`
-    (chatter such as "Anyway." or "As you can see." around the answer), `no_answer` (the response
-    stops without stating an answer, as a truncated or evasive one does). `wrong_answer` is never
-    combined with `drop_thinking`, so correctness stays checkable from the response's own work.
-
-Labels follow Bradley–Terry on the gold utilities at temperature `τ`:
-`P(A ≻ B) = σ((gold(A) − gold(B)) / τ)` (τ = 0: noiseless). A K-way ranking is drawn from the
-Plackett–Luce model with the same utilities (`gold / τ` plus Gumbel noise, sorted), which for K = 2
-is exactly the Bradley–Terry pair. The label budget counts pairwise comparisons; one K-way ranking
-costs K·(K−1)/2 of them (the pairs it implies, as in InstructGPT).
-
-The gold function stays available: `gold_score` for evaluation, and the `"gold_preference"` reward
-(`rlhfjax.rewards.get_reward_fn("gold_preference")`) as the "true human" RL is judged by.
+Labels follow Bradley–Terry at temperature τ, `P(A ≻ B) = σ((gold(A) − gold(B)) / τ)` (τ = 0:
+noiseless); K-way rankings follow Plackett–Luce with the same utilities (the BT pair for K = 2).
+One ranking costs K·(K−1)/2 comparisons of the label budget (as in InstructGPT). `gold_score`
+and the `"gold_preference"` reward expose the gold function for evaluation.
 """
 
 from __future__ import annotations
@@ -148,9 +136,7 @@ def gold_preference_reward(prompts: Sequence[str], completions: Sequence[str],
   return gold_scores(prompts, completions, answer)
 
 
-# ---------------------------------------------------------------------------------------------
-# The response pool
-# ---------------------------------------------------------------------------------------------
+# -- The response pool
 
 
 def perturb(response: str, kind: str, rng: random.Random) -> str:
@@ -210,9 +196,7 @@ def response_pool(samples: Sequence[str], n_perturbed: int, rng: random.Random,
   return list(dict.fromkeys(p for p in pool if p.strip()))
 
 
-# ---------------------------------------------------------------------------------------------
-# Labels
-# ---------------------------------------------------------------------------------------------
+# -- Labels
 
 
 def bt_prefers_first(g_a: float, g_b: float, temperature: float, rng: np.random.Generator) -> bool:
@@ -224,11 +208,8 @@ def bt_prefers_first(g_a: float, g_b: float, temperature: float, rng: np.random.
 
 
 def plackett_luce_order(gold: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
-  """A ranking (indices best to worst) from Plackett–Luce with utilities gold/τ (Gumbel-max trick).
-
-  Sorting `gold/τ + Gumbel` samples exactly the Plackett–Luce distribution; for two items this is
-  the Bradley–Terry choice with probability σ((g_a − g_b)/τ).
-  """
+  """Indices best to worst from Plackett–Luce with utilities gold/τ: sorting `gold/τ + Gumbel`
+  samples it exactly (Gumbel-max trick)."""
   gold = np.asarray(gold, np.float64)
   if temperature <= 0:
     keys = gold + 1e-9 * rng.random(gold.shape)  # ties broken at random
@@ -280,23 +261,10 @@ def sample_policy(params, model_cfg, tokenizer, prompts: Sequence[str], *, n: in
 def simulate_labels(params, model_cfg, tokenizer, examples: Sequence[dict], *, n_records: int,
                     kind: str, k: int, config: LabelerConfig, max_prompt_len: int,
                     max_response_len: int, seed: int) -> list[dict]:
-  """The whole offline "human evaluation": sample, perturb, label `n_records` comparisons.
-
-  Args:
-    params: SFT policy parameters (the responses people are shown come from this policy).
-    model_cfg, tokenizer: the run's.
-    examples: arithmetic problems {"prompt", "answer"}; `n_records` prompts are drawn from them
-      (with replacement, seeded).
-    n_records: pairs or rankings to produce (before dropping prompts with too small a pool).
-    kind: "pairs" or "rankings"; k: ranking size.
-    config: `LabelerConfig`.
-    max_prompt_len, max_response_len: token limits (responses that do not fit are dropped from
-      the pool, so labels are never given on truncated text).
-    seed: everything (prompt choice, samples, perturbations, noise) is a function of it.
-
-  Returns:
-    A list of preference records (`make_pair` / `make_ranking`), each with its gold `answer`.
-  """
+  """The offline "human evaluation": up to `n_records` pairs or `k`-rankings (`kind`), each with its
+  gold `answer`, on prompts drawn (with replacement) from `examples` and responses of the SFT policy
+  `params` and their variants. Responses over `max_response_len` are dropped from the pool (no
+  labels on truncated text). A pure function of `seed`."""
   import jax
   rng = random.Random(f"rlhfjax-labeler/{seed}")
   # a few spare prompts: those whose pool is too small (too few distinct responses that fit) are skipped

@@ -7,11 +7,9 @@
 or simply `load_arithmetic(data_dir, "add2_flawed", "train")`, which builds on first use and
 returns records with Python `str` values.
 
-Feature types (tensorflow-datasets 4.9.10, no TensorFlow installed): `tfds.features.Text()`,
-`tfds.features.Scalar(dtype=np.str_)` and `np.bool_` / numeric scalars all encode while writing
-array_record and decode through `as_data_source` with NumPy only; strings come back as `bytes`
-(decoded to `str` by `load_arithmetic`). `tf.data` paths (`as_dataset`, `tfds.load`) do need TF
-and are not used here.
+Without TensorFlow (tensorflow-datasets 4.9.10), `Text()` and `np.bool_` features encode to
+array_record and decode through `as_data_source` with NumPy only (strings as `bytes`, decoded by
+`load_arithmetic`); `tf.data` paths (`as_dataset`, `tfds.load`) would need TF and are not used.
 """
 
 from __future__ import annotations
@@ -96,8 +94,7 @@ class ArithmeticBuilder(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, cfg, split, n):
-    for i, p in enumerate(generate_problems(cfg.arithmetic, n, cfg.seed, split)):
-      yield i, p
+    yield from enumerate(generate_problems(cfg.arithmetic, n, cfg.seed, split))
 
 
 def builder_config_for(arithmetic: ArithmeticConfig, *, num_train: int = 10_000,
@@ -112,16 +109,11 @@ def builder_config_for(arithmetic: ArithmeticConfig, *, num_train: int = 10_000,
 
 def load_arithmetic(data_dir: str, config: str | ArithmeticConfig | ArithmeticBuilderConfig,
                     split: str) -> Sequence[dict]:
-  """Builds the dataset into `data_dir` on first use and returns `split` as a random-access sequence.
+  """`split` ("train", "test", or TFDS slicing like "train[:100]") as a random-access sequence of
+  {prompt, answer, demonstration: str, has_carry: bool}, built into `data_dir` on first use.
 
-  Args:
-    data_dir: TFDS data directory (e.g. `<workdir>/tfds` or `~/tensorflow_datasets`).
-    config: a name from `BUILDER_CONFIGS`, an `ArithmeticConfig` (default sizes/seed), or an
-      `ArithmeticBuilderConfig`.
-    split: "train" or "test" (TFDS slicing such as "train[:100]" also works).
-
-  Returns:
-    A sequence of dicts {prompt, answer, demonstration: str, has_carry: bool}.
+  `config`: a `BUILDER_CONFIGS` name (another raises `ValueError`), an `ArithmeticConfig` (default
+  sizes and seed) or an `ArithmeticBuilderConfig`.
   """
   if isinstance(config, ArithmeticConfig):
     config = builder_config_for(config)

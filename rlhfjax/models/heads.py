@@ -1,12 +1,9 @@
 """Policy, value and reward models: the shared trunk plus one head each.
 
-Each is a linen module with a pure `init`/`apply`. Their parameter trees are separate (`{"trunk": ...,
-<head params>}`) so any one can start from another's trunk with `transplant_trunk` (value from the
-reward model, reward model from SFT).
-
-They are the built-in implementations of the interfaces the sampler and the RL core take
-(`rlhfjax.models.sequence`): `PolicyModel` is a *policy* (logits, KV cache), `ValueModel` a *critic*,
-`PolicyValueModel` an *actor-critic*, `RewardModel` a *scorer*.
+Parameter trees are `{"trunk": ..., <head params>}`, so any model can start from another's trunk
+(`transplant_trunk`). They implement the interfaces of `rlhfjax.models.sequence`: `PolicyModel` a
+policy (logits, KV cache), `ValueModel` a critic, `PolicyValueModel` an actor-critic; `RewardModel`
+scores sequences.
 """
 
 from __future__ import annotations
@@ -112,14 +109,11 @@ POOLS = ("last", "sum", "mean")
 
 
 class RewardModel(nn.Module):
-  """Reward model: a scalar per sequence [B] from per-token head outputs.
+  """Reward model: a score per sequence [B] (and with `per_token=True` the raw per-token outputs [B, T]).
 
-  `pool` says how the per-token outputs become one score: "last" reads the last real token; "sum"
-  adds them over the real tokens (a per-token reward: with a causal trunk the prompt's part is the
-  same for every response to it, so it cancels in comparisons); "mean" averages them. Then
-  `score = gain * pooled + bias`, the one place the readout is applied; `gain`/`bias` (params
-  `norm_gain`, `norm_bias`) normalize scores (mean 0 / std 1 on the reference policy's samples)
-  and are set after training. With `per_token=True` it returns the raw per-token scalars [B, T] too.
+  `pool` of the per-token head outputs over real tokens: "last" (the last one), "sum" (a per-token
+  reward; the prompt's part cancels in comparisons) or "mean"; then `score = gain * pooled + bias`
+  (params `norm_gain`, `norm_bias`, set after training to normalize scores).
   """
 
   cfg: TransformerConfig

@@ -1,8 +1,7 @@
 """KL estimators and KL-coefficient controllers.
 
-The controllers are pure: hyperparameters live in a frozen (hashable, static) dataclass, the
-changing coefficient lives in ``KLState``, a pytree that sits inside the train state, is
-checkpointed with it, and is updated inside the jitted step.
+Controllers are pure: hyperparameters in a frozen (static) dataclass, the coefficient in ``KLState``,
+a pytree inside the train state (checkpointed with it, updated inside the jitted step).
 """
 
 from __future__ import annotations
@@ -17,22 +16,14 @@ KL_KINDS = ("k1", "k2", "k3")
 
 
 def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, kind: str = "k1") -> jax.Array:
-  """Per-token sample estimate of ``KL(pi || ref)`` from tokens sampled from ``pi``.
+  """Per-token estimate of ``KL(pi || ref)`` on tokens sampled from ``pi``, same shape as the inputs.
 
-  From Schulman 2020, "Approximating KL Divergence" (http://joschu.net/blog/kl-approx.html), with
-  ``log_r = ref_logprobs - logprobs`` (the log of ``ref(x) / pi(x)``):
+  Schulman 2020, "Approximating KL Divergence", with ``log_r = ref_logprobs - logprobs`` (another
+  ``kind`` raises ``ValueError``):
 
     k1 = -log_r                     unbiased, high variance, can be negative
     k2 = 0.5 * log_r ** 2           biased, low variance, >= 0
     k3 = (exp(log_r) - 1) - log_r   unbiased, low variance, >= 0
-
-  Args:
-    logprobs: ``log pi(x_t)`` of the sampled tokens, e.g. ``[batch, length]``.
-    ref_logprobs: ``log ref(x_t)`` of the same tokens, same shape.
-    kind: ``"k1"``, ``"k2"`` or ``"k3"`` (static).
-
-  Returns:
-    The per-token estimate, same shape as ``logprobs``.
   """
   log_r = jnp.asarray(ref_logprobs) - jnp.asarray(logprobs)
   if kind == "k1":
@@ -53,58 +44,35 @@ class KLState:
 
 @dataclasses.dataclass(frozen=True)
 class FixedKLController:
-  """A constant KL coefficient, with the same interface as ``AdaptiveKLController``.
-
-  Attributes:
-    kl_coef: the coefficient ``beta`` of the per-token KL penalty.
-  """
+  """A constant KL coefficient ``beta``, with the interface of ``AdaptiveKLController``."""
 
   kl_coef: float
 
   def init(self) -> KLState:
-    """Returns the initial state, ``value = kl_coef`` (float32 scalar)."""
     return KLState(value=jnp.asarray(self.kl_coef, jnp.float32))
 
   def update(self, state: KLState, current_kl: jax.Array, n_steps: jax.Array) -> KLState:
-    """Returns ``state`` unchanged (arguments accepted for interface compatibility)."""
     del current_kl, n_steps
     return state
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveKLController:
-  """Proportional controller that steers the observed KL toward a target.
+  """Proportional controller steering the observed KL toward a target (Ziegler et al. 2019, sec. 2.2):
 
-  Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", sec. 2.2:
-
-    e_t     = clip(KL_t / KL_target - 1, -0.2, 0.2)
+    e_t      = clip(KL_t / KL_target - 1, -0.2, 0.2)
     beta_t+1 = beta_t * (1 + K_beta * e_t),   K_beta = n_steps / horizon
-
-  Attributes:
-    init_kl_coef: initial ``beta`` (0.2 in lm-human-preferences' sentiment config).
-    target: target KL in nats per sequence (6.0 in lm-human-preferences).
-    horizon: steps (samples) over which the error is corrected (10000 in lm-human-preferences).
   """
 
-  init_kl_coef: float
-  target: float
-  horizon: float
+  init_kl_coef: float  # initial beta (0.2 in lm-human-preferences)
+  target: float  # target KL, nats per sequence (6.0 in lm-human-preferences)
+  horizon: float  # samples over which the error is corrected (10000 in lm-human-preferences)
 
   def init(self) -> KLState:
-    """Returns the initial state, ``value = init_kl_coef`` (float32 scalar)."""
     return KLState(value=jnp.asarray(self.init_kl_coef, jnp.float32))
 
   def update(self, state: KLState, current_kl: jax.Array, n_steps: jax.Array) -> KLState:
-    """One controller step.
-
-    Args:
-      state: the current ``KLState``.
-      current_kl: observed KL(pi || ref), scalar, in the same units as ``target``.
-      n_steps: number of samples (or steps) since the last update, scalar.
-
-    Returns:
-      The new ``KLState``.
-    """
+    """One step: ``current_kl`` (scalar, units of ``target``) after ``n_steps`` samples."""
     error = jnp.clip(jnp.asarray(current_kl, jnp.float32) / self.target - 1.0, -0.2, 0.2)
     mult = 1.0 + error * jnp.asarray(n_steps, jnp.float32) / self.horizon
     return KLState(value=(state.value * mult).astype(state.value.dtype))

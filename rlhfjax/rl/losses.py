@@ -15,23 +15,14 @@ from rlhfjax.rl.masked import masked_mean, masked_sum, masked_var
 AGGREGATIONS = ("token", "sequence", "fixed")
 
 
-def aggregate_loss(
-    loss: jax.Array, mask: jax.Array, aggregation: str = "token", fixed_length: int | None = None
-) -> jax.Array:
-  """Reduces a per-token loss ``[batch, length]`` to a scalar.
+def aggregate_loss(loss: jax.Array, mask: jax.Array, aggregation: str = "token",
+                   fixed_length: int | None = None) -> jax.Array:
+  """Reduces a per-token loss ``[batch, length]`` over ``mask`` to a scalar.
 
-  Args:
-    loss: per-token loss ``[batch, length]``.
-    mask: ``[batch, length]``, 1.0 on tokens that count.
-    aggregation: ``"token"``: sum over all masked tokens / number of masked tokens in the batch
-      (DAPO, Yu et al. 2025, eq. 8); ``"sequence"``: mean over sequences of the per-sequence
-      token mean (GRPO, Shao et al. 2024, eq. 3); sequences with no masked token are left out of
-      the mean; ``"fixed"``: sum / (batch * fixed_length), a constant normalizer (Dr. GRPO,
-      Liu et al. 2025).
-    fixed_length: the constant length for ``"fixed"`` (e.g. the max response length).
-
-  Returns:
-    Scalar loss.
+  ``"token"``: mean over all masked tokens of the batch (DAPO, Yu et al. 2025, eq. 8);
+  ``"sequence"``: mean over non-empty sequences of their token means (GRPO, Shao et al. 2024,
+  eq. 3); ``"fixed"``: sum / (batch * fixed_length), a constant normalizer (Dr. GRPO, Liu et al.
+  2025; ``fixed_length`` must be positive).
   """
   if aggregation == "token":
     return masked_mean(loss, mask)
@@ -46,46 +37,20 @@ def aggregate_loss(
   raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
 
 
-def ppo_policy_loss(
-    logprobs: jax.Array,
-    old_logprobs: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    clip_eps: float,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    aggregation: str = "token",
-    fixed_length: int | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Clipped-surrogate policy loss of PPO.
+def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
+                    mask: jax.Array, *, clip_eps: float, clip_eps_high: float | None = None,
+                    dual_clip: float | None = None, aggregation: str = "token",
+                    fixed_length: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO's clipped surrogate (Schulman et al. 2017, eq. 7, negated), per token, then aggregated:
 
-  Per token, with ``r = exp(logprobs - old_logprobs)`` (Schulman et al. 2017, "Proximal Policy
-  Optimization Algorithms", eq. 7, negated to a loss):
+    L = max(-A * r, -A * clip(r, 1 - clip_eps, 1 + clip_eps_high)),   r = exp(logprobs - old_logprobs)
 
-    L = max(-A * r, -A * clip(r, 1 - clip_eps, 1 + clip_eps_high))
-
-  ``clip_eps_high > clip_eps`` is DAPO's clip-higher (Yu et al. 2025, eq. 10). With ``dual_clip``
-  (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5), tokens with
-  ``A < 0`` have their loss capped at ``dual_clip * |A|``: ``L = min(L, -dual_clip * A)``.
-
-  Args:
-    logprobs: log-probs of the sampled tokens under the current policy ``[batch, length]``
-      (the only argument gradients flow to).
-    old_logprobs: log-probs under the behaviour policy that sampled them ``[batch, length]``.
-    advantages: ``[batch, length]``.
-    mask: ``[batch, length]``, 1.0 on tokens that count.
-    clip_eps: lower clip range epsilon (0.2 in the PPO paper); also the upper one by default.
-    clip_eps_high: upper clip range (0.28 in DAPO); ``None`` means ``clip_eps``.
-    dual_clip: constant ``c > 1`` of dual clip (3.0 in Ye et al.); ``None`` disables it.
-    aggregation: ``"token"``, ``"sequence"`` or ``"fixed"``; see ``aggregate_loss``.
-    fixed_length: the normalizing length for ``aggregation="fixed"``.
-
-  Returns:
-    ``(loss, metrics)``: scalar loss and a dict of scalars, all masked token means unless noted:
-    ``pg_loss`` (the loss), ``clipfrac`` (fraction of tokens whose gradient is cut by either
-    clip), ``dual_clipfrac``, ``approx_kl`` (k3 estimate of KL(old || new)), ``ratio_mean``,
-    ``ratio_max`` / ``ratio_min`` (over masked tokens; 0 if there are none).
+  All inputs ``[batch, length]``; gradients flow only to ``logprobs``. ``clip_eps_high`` (None =
+  ``clip_eps``) above ``clip_eps`` is DAPO's clip-higher (Yu et al. 2025, eq. 10); ``dual_clip = c > 1``
+  caps the loss of ``A < 0`` tokens at ``-c * A`` (Ye et al. 2020, eq. 5). ``aggregation``: see
+  ``aggregate_loss``. Metrics (masked token means): ``pg_loss``, ``clipfrac`` (either clip cuts the
+  gradient), ``dual_clipfrac``, ``approx_kl`` (k3 of KL(old || new)), ``ratio_mean``, and
+  ``ratio_max`` / ``ratio_min`` (0 without masked tokens).
   """
   if dual_clip is not None and dual_clip <= 1.0:
     raise ValueError(f"dual_clip must be > 1, got {dual_clip}.")
@@ -124,33 +89,15 @@ def ppo_policy_loss(
   return loss, metrics
 
 
-def value_loss(
-    values: jax.Array,
-    old_values: jax.Array,
-    returns: jax.Array,
-    mask: jax.Array,
-    *,
-    clip: float | None,
-    aggregation: str = "token",
-    fixed_length: int | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Clipped value loss of PPO (as in OpenAI baselines ``ppo2`` and lm-human-preferences).
+def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *,
+               clip: float | None, aggregation: str = "token",
+               fixed_length: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO's clipped value loss (OpenAI baselines ``ppo2``, lm-human-preferences), ``[batch, length]``:
 
     L = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, -clip, clip) - R)^2)
 
-  Args:
-    values: current critic values ``[batch, length]`` (gradients flow here).
-    old_values: critic values when the experience was collected ``[batch, length]``.
-    returns: targets ``R`` (e.g. from ``gae``) ``[batch, length]``.
-    mask: ``[batch, length]``, 1.0 on tokens that count.
-    clip: value clip range (0.2 in lm-human-preferences); ``None`` gives the plain
-      ``0.5 * (V - R)^2``.
-    aggregation: ``"token"``, ``"sequence"`` or ``"fixed"``; see ``aggregate_loss``.
-    fixed_length: the normalizing length for ``aggregation="fixed"``.
-
-  Returns:
-    ``(loss, metrics)`` with ``vf_loss``, ``vf_clipfrac`` (fraction of masked tokens where the
-    clipped term is the larger one), ``value_mean`` (masked mean of ``values``).
+  Gradients flow only to ``values``; ``clip=None`` gives ``0.5 * (V - R)^2``. Metrics: ``vf_loss``,
+  ``vf_clipfrac`` (the clipped term is the larger), ``value_mean``.
   """
   old_values = jax.lax.stop_gradient(old_values)
   returns = jax.lax.stop_gradient(returns)
@@ -176,19 +123,7 @@ def value_loss(
 
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
-  """Fraction of the variance of the returns that the critic explains, ``1 - Var[R - V] / Var[R]``.
-
-  1 is a perfect critic, 0 is no better than a constant, negative is worse. Variances are over
-  masked tokens; nan when ``Var[R] == 0`` (as in OpenAI baselines).
-
-  Args:
-    values: ``[batch, length]``.
-    returns: ``[batch, length]``.
-    mask: ``[batch, length]``.
-
-  Returns:
-    Scalar.
-  """
+  """``1 - Var[R - V] / Var[R]`` over masked tokens (1: perfect critic); nan if ``Var[R] == 0``."""
   values = jax.lax.stop_gradient(values)
   var_r = masked_var(returns, mask)
   var_diff = masked_var(returns - values, mask)
@@ -196,33 +131,15 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 
 
 def logprobs_from_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Log-probability of each token under a categorical over the last axis of ``logits``.
-
-  Computed in float32 as ``log_softmax(logits)[token]``. This is the one token-log-prob function:
-  the sampler-matching forward passes of the RL core and the SFT loss use it too.
-
-  Args:
-    logits: ``[batch, length, vocab]`` (any float dtype).
-    tokens: ``[batch, length]`` integer ids.
-
-  Returns:
-    ``[batch, length]`` float32 log-probs.
-  """
+  """``log_softmax(logits)[token]`` in float32: ``[batch, length, vocab]``, ids ``[batch, length]``
+  -> ``[batch, length]``. The one token-log-prob function (RL core and SFT loss)."""
   logp = jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp, jnp.asarray(tokens)[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
-  """Entropy ``-sum_v p_v log p_v`` of the categorical over the last axis, in float32.
-
-  Uses ``log_softmax`` for stability; vocabulary entries with ``-inf`` logits contribute 0.
-
-  Args:
-    logits: ``[batch, length, vocab]``.
-
-  Returns:
-    ``[batch, length]`` float32 entropies in nats.
-  """
+  """Entropy ``-sum_v p_v log p_v`` in nats, float32: ``[batch, length, vocab]`` -> ``[batch, length]``
+  (``-inf`` logits contribute 0)."""
   logp = jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
   p = jnp.exp(logp)
   return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)

@@ -9,18 +9,10 @@ import numpy as np
 
 
 def pass_at_k(n, c, k: int) -> np.ndarray:
-  """Unbiased pass@k estimator (Chen et al. 2021, "Evaluating Large Language Models Trained on
-  Code", eq. 1 and Fig. 3): ``1 - C(n - c, k) / C(n, k)``, computed as the stable product
-  ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``.
+  """Unbiased pass@k (Chen et al. 2021, eq. 1): ``1 - C(n - c, k) / C(n, k)`` per problem.
 
-  Args:
-    n: samples drawn per problem, int or int array ``[problems]``.
-    c: correct samples per problem, same shape as ``n`` (broadcastable).
-    k: the ``k`` of pass@k, ``1 <= k <= min(n)``.
-
-  Returns:
-    float64 array of the broadcast shape of ``n`` and ``c``: the probability that at least one of
-    ``k`` samples drawn without replacement from the ``n`` is correct. Average it over problems.
+  ``n`` samples, ``c`` correct (broadcastable int arrays ``[problems]``), ``1 <= k <= min(n)``.
+  Computed as ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``; float64, to be averaged over problems.
   """
   n, c = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(c, np.int64))
   if k < 1 or np.any(n < k) or np.any(c < 0) or np.any(c > n):
@@ -42,22 +34,11 @@ def maj_at_k(
     *,
     match: Callable[[Hashable, Hashable], bool] | None = None,
 ) -> float:
-  """Majority-vote accuracy (maj@k, self-consistency; Wang et al. 2023).
+  """Majority-vote accuracy (maj@k, self-consistency; Wang et al. 2023), 0.0 for no problems.
 
-  For each problem the first ``k`` answers vote; ``None`` answers (nothing extracted) do not vote.
-  Ties between equally frequent answers go to the one that appeared first. A problem is correct
-  when the winning answer matches the gold answer; with no votes it is wrong.
-
-  Args:
-    answers_per_problem: per problem, the extracted answers of the samples, in sample order
-      (normalized strings, e.g. from ``rlhfjax.rewards.extract_answer``).
-    gold_per_problem: the gold answer of each problem.
-    k: number of samples that vote, ``k >= 1``.
-    match: ``match(pred, gold) -> bool``; default ``==`` (e.g. pass
-      ``rlhfjax.rewards.answers_match``). Votes are always counted by exact equality.
-
-  Returns:
-    Mean accuracy over problems (0.0 for no problems).
+  Per problem the first ``k`` extracted answers vote (``None`` does not); ties go to the answer
+  seen first; the winner is right if ``match(winner, gold)`` (default ``==``; votes always count
+  by equality). No votes: wrong.
   """
   if k < 1:
     raise ValueError(f"maj_at_k needs k >= 1, got {k}.")

@@ -1,16 +1,10 @@
 """Jitted KV-cache sampler: prefill the prompt, then decode one token per `lax.while_loop` step.
 
 `generate` compiles once per (shape, config) and stops when every row has emitted EOS or after
-`max_new_tokens`. It returns the sampled tokens, their log-probabilities under the *sampling
-distribution before truncation* — `log_softmax(logits / temperature)` (temperature 1 when greedy) —
-and the response mask (1 up to and including EOS). Those log-probabilities equal a full no-cache
-forward pass over the same sequence (see tests/test_sampling.py), so RL can use them as the
-behaviour policy's.
-
-The sampler takes the model (`SamplingConfig.model`): any policy module of the interface in
-`rlhfjax.models.sequence` — with a KV cache (`init_cache`) it prefills once and decodes one token per
-step; without one it re-runs the whole `[prompt | response so far]` each step — or a
-`TransformerConfig`, meaning the built-in `PolicyModel`.
+`max_new_tokens`. Log-probabilities are under the sampling distribution before top-k/top-p
+truncation, `log_softmax(logits / temperature)` (temperature 1 when greedy), and equal a full
+no-cache forward pass. `SamplingConfig.model` is a policy module (`rlhfjax.models.sequence`; without
+`init_cache` the whole sequence is re-run each step) or a `TransformerConfig` (`PolicyModel`).
 """
 
 from __future__ import annotations
@@ -123,18 +117,9 @@ def _pick(logits, rng, config: SamplingConfig):
 @functools.partial(jax.jit, static_argnames=("config",))
 def generate(params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
              config: SamplingConfig) -> SampleOutput:
-  """Sample responses for left-padded prompts.
-
-  Args:
-    params: the policy's parameters.
-    prompt_ids: [batch, prompt_len] int32, left-padded; every row needs at least one real token.
-    prompt_mask: [batch, prompt_len], 1 on real prompt tokens.
-    rng: PRNG key.
-    config: `SamplingConfig` (static), its `model` the policy.
-
-  Returns:
-    `SampleOutput` with `[batch, max_new_tokens]` tokens, log-probs and mask.
-  """
+  """Responses to left-padded prompts `prompt_ids` / `prompt_mask` [batch, prompt_len] (each row
+  with a real token) from the policy `config.model` with `params`: `SampleOutput`, [batch,
+  max_new_tokens] arrays. Raises `ValueError` if prompt + response exceed the model's `max_len`."""
   model = as_policy(config.model)
   b, p = prompt_ids.shape
   n = config.max_new_tokens

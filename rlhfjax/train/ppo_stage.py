@@ -1,32 +1,15 @@
 """The `ppo` stage: RLHF against the learned reward model, with a KL-controlled frozen reference.
 
 Runs after `sft` and `rm` (`config.stages = "sft,rm,ppo"`), or alone on a workdir where both
-finished (their parameters are restored from their checkpoints):
+finished. The policy and the frozen reference start from the SFT parameters; the separate critic
+from the RM's trunk (`ppo.value_init = "rm"`, lm-human-preferences) or the SFT one (`"sft"`) with a
+zero value head (`rl.shared_trunk = True`: one trunk, LM + value heads, `ppo.value_init` unused).
+The scorer is the RM on device; an ensemble (`rm.ensemble_size > 1`) scores `mean − λ·std`
+(λ = `rm.uncertainty_coef`). Any `rl.algo` works (critic-free ones ignore the critic).
 
-  * policy  <- the SFT parameters; reference = the same SFT parameters, frozen;
-  * critic  <- the reward model's trunk (`config.ppo.value_init = "rm"`, lm-human-preferences) or the
-    SFT trunk (`"sft"`), with a fresh zero value head;
-  * scorer  = the reward model on device (`rlhfjax.rewards.scorers.reward_model_scorer`); for an
-    ensemble RM (`rm.ensemble_size > 1`) the uncertainty-penalized `mean − λ·std` (λ =
-    `rm.uncertainty_coef`);
-  * the hyper-parameters are `config.rl*` (`rl.algo = "ppo"`, `rl.adaptive_kl = True` in
-    experiments/ppo_preference.py); any `rl.algo` works against the RM (critic-free ones ignore the
-    critic).
-
-The iteration is `RLStage`'s (sample -> score -> jitted experience -> jitted update; the driver
-checkpoints the whole `RLState` — policy, critic, optimizer states, KL controller — plus the data
-position, bit-exact resume). This stage adds what only RLHF-with-a-simulated-human has: the gold
-(simulated human) score of every rollout (`gold_reward_mean`, logged each iteration next to the
-proxy `reward_mean` and `kl_seq_mean`), a held-out gold/proxy evaluation before and after
-(`gold_mean`, `gold_std`, `proxy_mean`), a samples table with both scores, and the curve
-`plots/ppo_curves.png` (proxy, gold, KL with the controller's target).
-
-Actor-critic layout: separate policy and critic parameter trees by default (InstructGPT /
-lm-human-preferences; the critic starts from the reward model). With `config.rl.shared_trunk = True`
-one trunk carries the LM head and a zero-initialized value head (`PolicyValueModel`), one optimizer
-minimizes `policy loss + rl.vf_coef * value loss` from a single forward, and `ppo.value_init` is
-unused. `config.rl_loop.update_variant = "shard_map"` swaps the GSPMD update for the explicit data-parallel
-`shard_map` one (`rlhfjax/train/rl_shard_map.py`); both give the same result.
+The iteration is `RLStage`'s; this stage adds the simulated human's gold score of every rollout
+(`gold_reward_mean`, beside the proxy `reward_mean`), a held-out gold/proxy eval (`gold_mean`,
+`gold_std`, `proxy_mean`) with a samples table, and `plots/ppo_curves.png` (proxy, gold, KL).
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
-"""Reward models from comparisons: losses, the jitted sharded step, vmapped ensembles, normalization,
-and the scoring API.
+"""Reward models from comparisons: losses, the jitted sharded step, vmapped ensembles, normalization.
 
-Batches have a comparison axis K (`rlhfjax.data.preferences.collate_preferences`): K = 2 for pairs
-(chosen first), K responses best-to-worst for rankings. The step reshapes `[B, K, T] -> [B*K, T]`,
-scores every response with ONE forward pass, and forms all K(K−1)/2 pairwise differences from the
-`[B, K]` scores — never K(K−1) forwards (InstructGPT, Ouyang et al. 2022, eq. 1).
-
-Ensembles stack N members' train states on a leading axis and `jax.vmap` the same pure step over
-(params, opt state, rng, step): one compile, N models. Members differ by head init and, with
-`bootstrap=True`, by Poisson(1) per-example weights drawn from each member's own rng.
-
-The reward head's `norm_gain`/`norm_bias` are not trained (their gradients are zeroed); after
-training `normalize_params` sets them so the reference policy's samples score mean 0 / std 1
-(Ziegler et al. 2019 / lm-human-preferences). Scoring a trained model (`score`, `ensemble_score`,
-`score_batched`) is in `rlhfjax.rewards.scorers`, beside the RL `Scorer`s.
+Batches have a comparison axis K (`collate_preferences`: pairs chosen first, rankings best to
+worst). The step scores all `[B*K, T]` responses in ONE forward and forms the K(K−1)/2 pairwise
+differences from the `[B, K]` scores (InstructGPT, Ouyang et al. 2022, eq. 1). Ensembles stack N
+members' states on a leading axis and `jax.vmap` the same step (one compile); members differ by
+head init and, with `bootstrap`, Poisson(1) example weights from their own rng. `norm_gain` /
+`norm_bias` are not trained: `normalize_params` sets them after training so the reference
+policy's samples score mean 0 / std 1. Scoring lives in `rlhfjax.rewards.scorers`.
 """
 
 from __future__ import annotations
@@ -88,9 +81,7 @@ class LossConfig:
   pool: str = "last"  # see `reward_forward`
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
+# -- Losses
 
 
 def _weighted_mean(x, w):
@@ -98,20 +89,11 @@ def _weighted_mean(x, w):
 
 
 def bradley_terry_loss(chosen, rejected, *, margin=0.0, center_coef: float = 0.0, weights=None):
-  """Bradley–Terry pairwise loss with optional margin and reward centering.
+  """Bradley–Terry loss of [B] `chosen` / `rejected` rewards, (optionally `weights`-) averaged:
 
-  `-log σ(r_c − r_r − m) + coef·(r_c + r_r)²` averaged over pairs (Ouyang et al. 2022 eq. 1;
-  margin as in Touvron et al. 2023 §3.2.2; centering as in Eisenstein et al. 2023).
-
-  Args:
-    chosen: [B] rewards of the preferred responses.
-    rejected: [B] rewards of the other responses.
-    margin: scalar or [B] margin m.
-    center_coef: weight of the centering term.
-    weights: optional [B] per-pair weights (e.g. bootstrap counts).
-
-  Returns:
-    (loss, metrics) with `loss`, `nll`, `center`, `accuracy` (r_c > r_r), `margin` (mean r_c − r_r).
+  `-log σ(r_c − r_r − m) + coef·(r_c + r_r)²` (Ouyang et al. 2022 eq. 1; margin m, scalar or [B],
+  as in Touvron et al. 2023 §3.2.2; centering as in Eisenstein et al. 2023). Returns (loss,
+  metrics) with `loss`, `nll`, `center`, `accuracy` (r_c > r_r), `margin` (mean r_c − r_r).
   """
   chosen, rejected = jnp.asarray(chosen, jnp.float32), jnp.asarray(rejected, jnp.float32)
   w = jnp.ones_like(chosen) if weights is None else jnp.asarray(weights, jnp.float32)
@@ -125,21 +107,12 @@ def bradley_terry_loss(chosen, rejected, *, margin=0.0, center_coef: float = 0.0
 
 
 def ranking_loss(rewards, *, valid=None, margin=0.0, center_coef: float = 0.0, weights=None):
-  """K-wise ranking loss: Bradley–Terry over all K(K−1)/2 ordered pairs of each ranking.
+  """Bradley–Terry over the K(K−1)/2 ordered pairs of each ranking of [B, K] `rewards` (column 0
+  the best; `valid` [B, K] masks padding); K = 2 is exactly `bradley_terry_loss`.
 
-  Each ranking contributes the mean over its valid pairs (i ranked above j, i < j), so a ranking
-  weighs as much as a pair (InstructGPT's 1/C(K,2) normalization); rankings are then averaged.
-  With K = 2 this is exactly `bradley_terry_loss`.
-
-  Args:
-    rewards: [B, K] rewards, column 0 the best-ranked response.
-    valid: optional [B, K] 1/0 mask for rankings padded to K.
-    margin: scalar or [B] margin applied to every pair of a ranking.
-    center_coef: weight of the per-pair centering term coef·(r_i + r_j)².
-    weights: optional [B] per-ranking weights.
-
-  Returns:
-    (loss, metrics) as `bradley_terry_loss`; `accuracy` and `margin` are over all valid pairs.
+  Each ranking contributes the mean over its valid pairs (InstructGPT's 1/C(K,2)), then rankings
+  are averaged (with `weights` [B]). Metrics as `bradley_terry_loss`, `accuracy` and `margin` over
+  all valid pairs.
   """
   r = jnp.asarray(rewards, jnp.float32)
   b, k = r.shape
@@ -160,9 +133,7 @@ def ranking_loss(rewards, *, valid=None, margin=0.0, center_coef: float = 0.0, w
                 "margin": _weighted_mean(diff, pw)}
 
 
-# ---------------------------------------------------------------------------------------------
-# The step
-# ---------------------------------------------------------------------------------------------
+# -- The step
 
 
 def reward_forward(params, tokens, positions, mask, model_cfg: TransformerConfig, pool: str = "last"):
@@ -172,14 +143,8 @@ def reward_forward(params, tokens, positions, mask, model_cfg: TransformerConfig
 
 
 def reward_loss(params, batch, rng, *, model_cfg: TransformerConfig, loss_cfg: LossConfig):
-  """Ranking/BT loss of a comparison batch, every response scored once.
-
-  Args:
-    params: reward-model parameters.
-    batch: `tokens, mask, positions` [B, K, T], `valid` [B, K], `margin` [B].
-    rng: key for bootstrap weights.
-    model_cfg, loss_cfg: static.
-  """
+  """Ranking loss of a batch (`tokens, mask, positions` [B, K, T], `valid` [B, K], `margin` [B]),
+  every response scored once; `rng` draws the bootstrap weights."""
   b, k, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * k, t)  # noqa: E731
   scores = reward_forward(params, flat(batch["tokens"]), flat(batch["positions"]), flat(batch["mask"]),
@@ -210,9 +175,8 @@ def reward_train_step(state: TrainState, batch, *, model_cfg: TransformerConfig,
 
 
 def rm_batch_shardings(mesh, rules):
-  return {"tokens": batch_sharding(mesh, 3, rules), "mask": batch_sharding(mesh, 3, rules),
-          "positions": batch_sharding(mesh, 3, rules), "valid": batch_sharding(mesh, 2, rules),
-          "margin": batch_sharding(mesh, 1, rules)}
+  ndims = {"tokens": 3, "mask": 3, "positions": 3, "valid": 2, "margin": 1}
+  return {k: batch_sharding(mesh, ndims[k], rules) for k in RM_BATCH_KEYS}
 
 
 def make_reward_step(model_cfg: TransformerConfig, tx, loss_cfg: LossConfig, shardings, mesh, rules,
@@ -229,9 +193,7 @@ def make_reward_step(model_cfg: TransformerConfig, tx, loss_cfg: LossConfig, sha
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-# ---------------------------------------------------------------------------------------------
-# States (single and stacked ensembles)
-# ---------------------------------------------------------------------------------------------
+# -- States (single and stacked ensembles)
 
 
 def _member_state(rng, trunk, *, module, tx, boxed: bool):
@@ -261,13 +223,9 @@ def reward_state_shardings(model_cfg: TransformerConfig, tx, mesh, rules, n: int
 
 def create_reward_state(model_cfg: TransformerConfig, tx, rng, mesh, rules, *, trunk=None,
                         n: int | None = None):
-  """A sharded reward-model TrainState, its trunk from `trunk` (e.g. the SFT policy's
-  `params["trunk"]`) and a fresh head; or, with `n`, N members stacked on a leading axis whose
-  member i is exactly `create_reward_state(..., rng=jax.random.split(rng, n)[i])`.
-
-  Returns:
-    (state, shardings).
-  """
+  """(sharded reward-model TrainState, shardings): its trunk from `trunk` (e.g. the SFT policy's
+  `params["trunk"]`), a fresh head; with `n`, N members stacked on a leading axis, member i exactly
+  `create_reward_state(..., rng=jax.random.split(rng, n)[i])`."""
   rules = tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in rules)  # hashable
   init, shardings = _jitted_init(model_cfg, tx, mesh, rules, n)
   if trunk is not None:
@@ -291,9 +249,7 @@ def _drop_leading(s):
   return jax.sharding.NamedSharding(s.mesh, P(*tuple(s.spec)[1:]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Normalization
-# ---------------------------------------------------------------------------------------------
+# -- Normalization
 
 
 def set_normalization(params, scores, *, eps: float = 1e-6):

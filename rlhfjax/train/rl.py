@@ -2,20 +2,15 @@
 
     sample -> score -> make_experience (jitted) -> rl_update (jitted, state donated)
 
-PPO (value head + GAE), GRPO, RLOO, REINFORCE++ and best-of-N are *advantage estimators and loss
-options on the same update*: `make_experience` computes the advantages each algorithm prescribes, and
-`rl_update` runs the clipped-surrogate policy loss (plus a value loss when a critic exists) as a
-`lax.scan` over epochs x shuffled minibatches, each minibatch optionally accumulated over
-micro-batches. Nothing returns to Python inside an update.
+PPO (critic + GAE), GRPO, RLOO, REINFORCE++ and best-of-N are advantage estimators and loss
+options on one update: `make_experience` computes each algorithm's advantages, `rl_update` runs the
+clipped surrogate (plus a value loss with a critic) as a `lax.scan` over epochs x shuffled
+minibatches x optional micro-batches, never returning to Python.
 
-The core takes the models as a parameter (`RLModels`: linen modules with the policy / critic /
-actor-critic interfaces of `rlhfjax.models.sequence`); it never builds one. What a jitted function is
-specialized on is exactly `(AlgoConfig, RLModels, temperature)` plus the optimizers: the loop's
-settings (iterations, eval, checkpoints) and the sampler's never reach it.
-
-Loss normalization is exact under micro-batching and data parallelism: every micro-batch's loss is
-weighted by its share of the minibatch's aggregation units (tokens, sequences or rows — see
-`_units`), so the accumulated gradient equals the gradient of the whole-minibatch loss.
+The models come in as `RLModels` (interfaces of `rlhfjax.models.sequence`); the core never builds
+one. Jitted functions are specialized on exactly `(AlgoConfig, RLModels, temperature)` and the
+optimizers. Each micro-batch's loss is weighted by its share of the minibatch's aggregation units
+(`_units`), so the accumulated gradient is exactly the whole-minibatch loss's.
 """
 
 from __future__ import annotations
@@ -230,19 +225,11 @@ def last_token_onehot(mask):
 
 def make_experience(policy_params, ref_params, value_params, rollout: Rollout, scores, kl_coef, *,
                     algo: AlgoConfig, models: RLModels, temperature: float = 1.0):
-  """Log-probs, reference log-probs, values, rewards and advantages for one rollout batch.
+  """(Experience, scalar metrics) of one `Rollout` with [B] `scores` and the current beta `kl_coef`:
+  log-probs (at the sampler's `temperature`), reference log-probs, values, rewards, advantages.
 
-  Args:
-    policy_params, ref_params: policy and frozen reference parameters.
-    value_params: critic parameters (ignored unless `algo.algo == "ppo"`; with `algo.shared_trunk`
-      the values come from `policy_params`' value head in the same forward as the log-probs).
-    rollout: the sampled `Rollout` ([B, P] prompts, [B, N] responses, [B] finished).
-    scores: [B] sequence-level rewards (verifier or reward model).
-    kl_coef: current beta (scalar array; from the KL controller state).
-    algo, models: static algorithm and modules; temperature: the sampler's (log-probs use it).
-
-  Returns:
-    (Experience, metrics dict of scalars).
+  `value_params` is the separate critic's (PPO only; with `shared_trunk` the values come from
+  `policy_params`' value head in the same forward as the log-probs).
   """
   args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
   mask = rollout.response_mask.astype(jnp.float32)

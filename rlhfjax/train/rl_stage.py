@@ -1,16 +1,12 @@
 """The `rl` stage: RL from verifiable rewards (GRPO by default; any `rl.algo`) on the SFT policy.
 
-One iteration (`RLStage.step`; the driver in `rlhfjax.train.stage` runs the loop around it):
+One iteration (`RLStage.step`; `rlhfjax.train.stage` runs the loop around it):
 
     prompts -> sampling.generate -> decode -> scorer -> make_experience (jit) -> rl_update (jit)
 
-Per iteration the only host round-trip is the decoded text for the scorer (and metrics once per
-`log_every`). The scorer is a `rlhfjax.rewards.scorers.Scorer`: verifiers on text here
-(`config.rl_reward`, e.g. "math:1.0,format:0.1"), the reward model in the `ppo` stage, which
-subclasses this one.
-
-Config sections: `rl` (the algorithm, `AlgoConfig`), `rl_optim` (optimizers), `rl_sampling` (the
-sampler), `rl_loop` (iterations, batch, eval, logging, checkpoints).
+The only host round-trip is the decoded text for the `Scorer` (verifiers on text here,
+`config.rl_reward`; the reward model in the `ppo` subclass). Config sections: `rl` (`AlgoConfig`),
+`rl_optim`, `rl_sampling` (`RolloutConfig`), `rl_loop` (`RLLoopConfig`).
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The `rm` stage: comparisons -> reward model (or an ensemble), evaluated, normalized, checkpointed.
 
-Runs after `sft` (`config.stages = "sft,rm"`), or alone on a workdir whose `sft` stage finished
-(its parameters are restored from `checkpoints/sft`). The driver (`rlhfjax.train.stage`) runs it:
-
-  1. `prepare`: the comparisons — `config.rm.train_file`/`test_file` (human JSONL) or, by default,
-     the simulated labeler (`rlhfjax.data.labeler`) sampling from the SFT policy; written to
-     `<workdir>/preferences/*.jsonl`, validated with the tokenizer (invalid records counted,
-     skipped and reported), then stored as TFDS array_record and read back without TensorFlow.
-  2. `step`: the jitted, sharded, state-donating step of `rlhfjax.train.reward` (vmapped over
-     members for `ensemble_size > 1`).
-  3. `evaluate` on held-out pairs: accuracy against the (noisy) labels, against the noiseless gold
-     preference when the records carry gold answers, mean reward margin.
-  4. `finalize`: gain/bias so the SFT (reference) policy's samples score mean 0 / std 1; the final
-     checkpoint holds the normalized parameters.
+Runs after `sft`, or alone on a workdir whose `sft` stage finished. `prepare`: comparisons from
+`config.rm.train_file`/`test_file` (human JSONL) or the simulated labeler sampling the SFT policy,
+written to `<workdir>/preferences/`, validated with the tokenizer (invalid records skipped and
+reported), stored as TFDS array_record. `step`: `rlhfjax.train.reward`'s jitted step (vmapped for
+ensembles). `evaluate`: held-out agreement with the labels and the gold preference. `finalize`:
+gain/bias so the SFT policy's samples score mean 0 / std 1 (the final checkpoint is normalized).
 """
 
 from __future__ import annotations

@@ -45,17 +45,8 @@ class SFTConfig:
 
 
 def sft_loss(params, batch, model_cfg: TransformerConfig):
-  """Mean next-token NLL over response tokens.
-
-  Args:
-    params: policy parameters.
-    batch: `tokens, mask, positions` [B, T] and `loss_mask` [B, T] (1 on response tokens, the
-      targets); logits at column t-1 predict token t.
-    model_cfg: static model config.
-
-  Returns:
-    (loss, metrics) with `loss`, `token_accuracy` and `target_tokens`.
-  """
+  """Mean next-token NLL over the targets `loss_mask` [B, T] marks (logits at t-1 predict token t)
+  of a batch of `tokens, mask, positions` [B, T]; (loss, {loss, token_accuracy, target_tokens})."""
   logits, _ = PolicyModel(model_cfg).apply({"params": params}, batch["tokens"], batch["positions"],
                                            batch["mask"])
   targets = batch["tokens"][:, 1:]

@@ -1,18 +1,10 @@
 """The one host loop: a `Stage` declares its state, step, eval and result; `run_stage` drives it.
 
-The driver owns everything the stages share:
-
-  * resume-or-init: the stage's own latest checkpoint (exact: state, data position, the "before"
-    eval), else a fresh state (which a stage builds from an earlier stage's parameters, restored
-    from *that* stage's final checkpoint by `stage_params` when this process did not train it);
-  * cadence: metrics every `log_every` steps (one device->host transfer per interval, averaged),
-    eval every `eval_every`, checkpoints every `checkpoint_every` and a final one after `finalize`;
-  * finite checks before any save (one line naming the step and the last good checkpoint);
-  * throughput, the progress bar, metrics / samples to the run's writer;
-  * the result dict: `before_<k>` / `after_<k>` of the stage's eval plus the stage's own numbers.
-
-A checkpoint at step `total_steps` is always the stage's final one (the loop saves only before
-it), so a finished stage resumes instantly and an unfinished one from where it stopped.
+The driver owns what stages share: resume from the stage's latest checkpoint (state, data
+position, the "before" eval) or init; metrics every `log_every` (one device->host transfer per
+interval), eval every `eval_every`, checkpoints every `checkpoint_every` and a final one after
+`finalize` (a checkpoint at `total_steps` is always final); finite checks before any save;
+throughput, progress bar, writer; the result dict (`before_<k>` / `after_<k>` + the stage's own).
 
 Adding a stage: subclass `Stage`, implement the hooks, `@register_stage("name")`, and import its
 module in `rlhfjax.train.pipeline.STAGE_MODULES`.
@@ -174,7 +166,7 @@ def run_stage(run: Run, stage: Stage) -> dict:
 
   from rlhfjax.checkpoint import Checkpointer, abstract_like
   from rlhfjax.metrics import ProgressBar
-  name, total = stage.name, stage.total_steps
+  name = stage.name
   stage.prepare()
   total = stage.total_steps  # prepare may size the stage (e.g. epochs over the data it built)
   ckpt_dir = run.ckpt_dir(name)

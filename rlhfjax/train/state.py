@@ -56,11 +56,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   return optax.chain(*chain)
 
 
-def _boxed_state_fn(module: nn.Module, tx: optax.GradientTransformation, length: int):
-  def init(rng):
+def _state_fn(module: nn.Module, tx: optax.GradientTransformation, length: int, boxed: bool):
+  """`init(rng, params=None) -> TrainState`; fresh parameters keep their logical axes if `boxed`."""
+  def init(rng, params=None):
     init_rng, state_rng = jax.random.split(rng)
-    boxed = module.init(init_rng, *_dummy_inputs(length))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
+    if params is None:
+      params = module.init(init_rng, *_dummy_inputs(length))["params"]
+      params = params if boxed else nn.unbox(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
   return init
 
@@ -68,27 +71,17 @@ def _boxed_state_fn(module: nn.Module, tx: optax.GradientTransformation, length:
 def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, rules,
                     length: int = 8):
   """(abstract unboxed state, NamedSharding tree), computed abstractly: nothing is allocated."""
-  boxed = jax.eval_shape(_boxed_state_fn(module, tx, length), jax.random.key(0))
+  boxed = jax.eval_shape(_state_fn(module, tx, length, boxed=True), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   return nn.unbox(boxed), logical_to_sharding(specs, mesh, rules)
 
 
 def create_train_state(module: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, mesh,
                        rules, *, params=None, length: int = 8):
-  """A sharded TrainState with fresh parameters, or with `params` (a plain tree, e.g. SFT weights)
-  placed by the model's shardings. Initialization runs jitted, directly into the shardings.
-
-  Returns:
-    (state, shardings).
-  """
+  """(sharded TrainState, shardings): fresh parameters, or `params` (a plain tree, e.g. SFT weights)
+  placed by the model's shardings; initialization runs jitted, directly into the shardings."""
   _, shardings = state_shardings(module, tx, mesh, rules, length)
-
-  def init(rng, p):
-    init_rng, state_rng = jax.random.split(rng)
-    if p is None:
-      p = nn.unbox(module.init(init_rng, *_dummy_inputs(length)))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=state_rng)
-
   if params is not None:
     params = jax.device_put(params, shardings.params)
+  init = _state_fn(module, tx, length, boxed=False)
   return jax.jit(init, out_shardings=shardings)(rng, params), shardings
