@@ -1,10 +1,12 @@
 """Test setup: 8 fake CPU devices so sharding code really runs, f32 matmuls for exact comparisons,
-and a persistent compilation cache for this test session (shared with the subprocesses that the
-end-to-end tests start, which compile the same programs again)."""
+and a persistent compilation cache for this test session (shared with the xdist workers and the
+subprocesses the end-to-end tests start, which compile the same programs again). LLVM runs at -O0
+(`FAST_COMPILE`): the test programs are tiny, so compiling them costs far more than running them."""
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="rlhfjax_jit_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
@@ -104,7 +106,7 @@ def rl_loop(tiny_cfg):
 def cli():
   """`cli(config_path, workdir, *overrides, devices=1) -> (argv, env)` for `python -m rlhfjax.main`."""
   def make(config, workdir, *overrides, devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
                JAX_PLATFORMS="cpu")
     return [sys.executable, "-m", "rlhfjax.main", f"--config={config}", f"--workdir={workdir}",
             *overrides], env
@@ -126,3 +128,15 @@ def kill9():
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
   return run
+
+
+# The end-to-end and multi-device files, longest first: started first, so that the two xdist workers
+# finish together instead of one starting a five-minute test at the end.
+LONGEST_FIRST = ("test_ppo_stage", "test_pipeline", "test_reward_pipeline", "test_bench",
+                 "test_rl_shard_map", "test_rl_stage", "test_reward_step", "test_rl_update",
+                 "test_shared_trunk", "test_sft_sharding", "test_models")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
