@@ -19,6 +19,7 @@ def model_config():
   m.dtype = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
   m.param_dtype = "float32"  # parameter storage dtype
   m.remat = False  # recompute layer activations in the backward pass
+  m.hf_path = ""  # a Hugging Face checkpoint directory: its config.json replaces the fields above
   return m
 
 
@@ -85,8 +86,17 @@ def get_config():
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # existing sentencepiece .model; "" = train one into <workdir>/tokenizer.model
   c.tokenizer.vocab_size = 96  # target vocabulary when training (digits are always single tokens)
+  c.tokenizer.thinking = ("<think>", "</think>")  # a Hugging Face tokenizer's reasoning tags
+  c.tokenizer.template_kwargs = {}  # extra chat-template variables, e.g. {"enable_thinking": False}
 
   c.data = ml_collections.ConfigDict()
+  c.data.source = "arithmetic"  # arithmetic (built here) | file (JSONL / Parquet, keys below)
+  c.data.train_path = ""  # file: the training file
+  c.data.test_path = ""  # file: the held-out file; "" = hash-split train_path by prompt
+  c.data.test_fraction = 0.1  # file: share hashed into test when test_path is ""
+  c.data.fields = {"prompt": "prompt", "answer": "answer"}  # file: our key -> the file's key
+  c.data.answer_format = "auto"  # file: gsm8k ("... #### 72") | plain | auto
+  c.data.max_bad_fraction = 0.0  # file: share of bad records tolerated before a one-line error
   c.data.data_dir = ""  # TFDS data dir; "" = <workdir>/tfds
   c.data.ops = "+"  # operators drawn uniformly, any of "+-*"
   c.data.min_digits = 2  # fewest digits per operand

@@ -242,7 +242,8 @@ def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
 # load_hf
 
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
+  """The checkpoint's *.safetensors paths (one-line FileNotFoundError when absent or incomplete)."""
   index = os.path.join(path, _INDEX)
   if os.path.exists(index):
     with open(index) as f:
@@ -280,7 +281,7 @@ def load_hf(path: str, *, dtype: str = "float32", mesh=None, rules=None):
 
   hf = read_hf_config(path)
   cfg = config_from_hf(hf, dtype, where=os.path.join(path, "config.json"))
-  files = _weight_files(path)
+  files = weight_files(path)
   np_dtype = np.dtype(jnp.dtype(dtype))
   model = PolicyModel(cfg)
   shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))  # shapes only

@@ -33,11 +33,17 @@ def arithmetic_config(data: ml_collections.ConfigDict):
 
 
 def load_data(config, workdir):
-  """Train and test examples of the arithmetic task family (TFDS array_record, built on first use)."""
+  """Train and test examples: the arithmetic task family (TFDS array_record, built on first use), or
+  with `data.source="file"` the user's JSONL / Parquet files (`rlhfjax.data.files.load_file_data`)."""
+  d = config.data
+  if d.get("source", "arithmetic") == "file":
+    from rlhfjax.data.files import load_file_data
+    return load_file_data(d)
+  if d.get("source", "arithmetic") != "arithmetic":
+    raise ValueError(f"config.data.source must be 'arithmetic' or 'file', got {d.source!r}")
   import tensorflow_datasets as tfds
   from rlhfjax.data import builder_config_for, load_arithmetic
   tfds.disable_progress_bar()
-  d = config.data
   bc = builder_config_for(arithmetic_config(d), num_train=d.num_train, num_test=d.num_test,
                           seed=config.seed)
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
@@ -49,19 +55,46 @@ def load_data(config, workdir):
 
 
 def prepare_tokenizer(config, workdir, train_examples):
+  """`tokenizer.path` (a sentencepiece .model, or a Hugging Face tokenizer.json / its directory),
+  else `model.hf_path`'s tokenizer, else a sentencepiece model trained on the data into the workdir."""
   from rlhfjax.tokenizer import Tokenizer, template_texts, train_tokenizer
-  if config.tokenizer.path:
-    return Tokenizer.load(config.tokenizer.path)
+  t = config.tokenizer
+  path = t.path or config.model.get("hf_path", "")
+  if path:
+    from rlhfjax.hf_tokenizer import load_tokenizer
+    if path.endswith(".model"):
+      return load_tokenizer(path)
+    return load_tokenizer(path, thinking=tuple(t.get("thinking", ("<think>", "</think>"))),
+                          template_kwargs=dict(t.get("template_kwargs", {})) or None)
   path = os.path.join(workdir, "tokenizer.model")
   if not os.path.exists(path):
-    train_tokenizer(template_texts(train_examples), path, vocab_size=config.tokenizer.vocab_size)
+    train_tokenizer(template_texts(train_examples), path, vocab_size=t.vocab_size)
   return Tokenizer.load(path)
 
 
 def make_model_config(config, tokenizer) -> TransformerConfig:
+  """The policy's architecture: from `model.hf_path`'s config.json, else `config.model`."""
+  max_len = config.data.max_prompt_len + config.data.max_response_len
+  if config.model.get("hf_path"):
+    from rlhfjax.models.hf import config_from_hf, read_hf_config, weight_files
+    path = config.model.hf_path
+    cfg = config_from_hf(read_hf_config(path), config.model.get("dtype", "float32"),
+                         where=os.path.join(path, "config.json"))
+    weight_files(path)  # all present, before any training
+    if tokenizer.vocab_size > cfg.vocab_size or max_len > cfg.max_len:
+      raise ValueError(f"{path}: the model embeds {cfg.vocab_size} ids and {cfg.max_len} positions; the "
+                       f"tokenizer has {tokenizer.vocab_size} ids and data.max_*_len sum to {max_len}")
+    return cfg
   vocab = -(-tokenizer.vocab_size // 8) * 8  # pad the table to a multiple of 8 (ids above decode to unk)
-  return to_dataclass(TransformerConfig, config.model, vocab_size=vocab,
-                      max_len=config.data.max_prompt_len + config.data.max_response_len)
+  model = {k: v for k, v in config.model.items() if k != "hf_path"}
+  return to_dataclass(TransformerConfig, model, vocab_size=vocab, max_len=max_len)
+
+
+def check_rewards(config, stages) -> None:
+  """Resolve the `rl` stage's verifier rewards now, so a typo fails before any training."""
+  if "rl" in stages:
+    from rlhfjax.rewards.scorers import verifier_scorer
+    verifier_scorer(config.rl_reward, config.rl_loop.get("nan_reward", "zero"))
 
 
 # The modules that define the stages (each registers its `Stage` class on import).
@@ -112,23 +145,28 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                      f"{' ...' if len(diff) > 6 else ''} differ); use a new --workdir or delete it")
 
 
+def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """The shared setup of a run in `workdir`: data, tokenizer, model config, mesh (no writer yet)."""
+  train, test = load_data(config, workdir)
+  tokenizer = prepare_tokenizer(config, workdir, train)
+  return Run(config=config, workdir=workdir, tokenizer=tokenizer,
+             model_cfg=make_model_config(config, tokenizer), mesh=create_mesh(tuple(config.mesh.shape)),
+             rules=tuple(tuple(r) for r in config.sharding.rules), writer=None,
+             train_examples=train, test_examples=test)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run `config.stages` in order in `workdir`; resumable. Returns {stage: results}."""
-  from rlhfjax.metrics import MetricsWriter, plot_curves, write_report
+  from rlhfjax.metrics import MetricsWriter, plot_curves, read_metrics, write_report
   check_moved_keys(config)
   stages = stage_list(config)
+  check_rewards(config, stages)
   os.makedirs(workdir, exist_ok=True)
   check_resumable(config, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(to_json(config))
-  train, test = load_data(config, workdir)
-  tokenizer = prepare_tokenizer(config, workdir, train)
-  model_cfg = make_model_config(config, tokenizer)
-  mesh = create_mesh(tuple(config.mesh.shape))
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  writer = MetricsWriter(workdir)
-  run = Run(config=config, workdir=workdir, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh,
-            rules=rules, writer=writer, train_examples=train, test_examples=test)
+  run = setup_run(config, workdir)
+  run.writer = writer = MetricsWriter(workdir)
   try:
     for stage in stages:
       run.results[stage] = run_stage(run, STAGES[stage](run))
@@ -136,7 +174,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(run.results, f, indent=2, default=float)
-  plot_curves(workdir)  # write_report links every plots/*.png
+  # replot config.stages' curves (those of earlier stages outside it are kept as they were);
+  # write_report links every plots/*.png
+  ran = {r["stage"] for r in read_metrics(workdir)}
+  plot_curves(workdir, [s for s in sorted(ran) if s in stages or s.split("_")[0] in stages])
   sections = {"Results": [dict(stage=s, **{k: v for k, v in r.items() if np.isscalar(v)})
                           for s, r in run.results.items()]}
   write_report(workdir, "rlhfjax run report", sections)

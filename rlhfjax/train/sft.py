@@ -128,7 +128,7 @@ class SFTStage(Stage):
 
   def init_state(self):
     return create_train_state(self.module, self.tx, jax.random.key(self.run.seed), self.run.mesh,
-                              self.run.rules)[0]
+                              self.run.rules, params=self.run.base_params())[0]
 
   def start(self, state):
     _, shardings = self.state_spec()

@@ -47,6 +47,15 @@ class Run:
   def seed(self) -> int:
     return int(self.config.seed)
 
+  def base_params(self):
+    """The pretrained policy `config.model.hf_path` names (read once, onto the mesh), or None."""
+    path = self.config.model.get("hf_path", "")
+    if path and "base" not in self.params:
+      from rlhfjax.models.hf import load_hf
+      _, self.params["base"] = load_hf(path, dtype=self.model_cfg.param_dtype, mesh=self.mesh,
+                                       rules=self.rules)
+    return self.params.get("base")
+
 
 class Stage:
   """A training stage. `__init__` only reads config (cheap: `stage_params` builds stages to read
@@ -245,6 +254,11 @@ def stage_params(run: Run, name: str):
   ckpt_dir = run.ckpt_dir(name)
   with Checkpointer(ckpt_dir) as ckpt:
     step = ckpt.latest_step()
+    skipped = name == "sft" and name not in [s.strip() for s in str(run.config.stages).split(",")]
+    if step is None and skipped and run.base_params() is not None:
+      log.info("no sft stage: the policy starts from %s", run.config.model.hf_path)
+      run.params[name] = run.base_params()
+      return run.params[name]
     if step is None:
       raise FileNotFoundError(f"this stage needs the '{name}' stage's parameters: none in this run "
                               f"and no checkpoint in {ckpt_dir}; put '{name}' before it in "
