@@ -122,3 +122,19 @@ def test_collate_layout(tokenizer):
   np.testing.assert_array_equal(b["positions"][1, 0][m > 0], np.arange(m.sum()))
   pairs = collate_preferences([make_pair(Q, "a", "b", 0.25)], tokenizer, 16, 12)
   assert pairs["tokens"].shape == (1, 2, 28) and pairs["margin"].tolist() == [0.25]
+
+
+def test_file_keys_map_a_users_preference_files(tmp_path):
+  from rlhfjax.data.preferences import read_preferences_jsonl
+  theirs = tmp_path / "theirs.jsonl"
+  write_jsonl(str(theirs), [{"question": Q, "better": "The answer is 42.", "worse": "It is 41."}])
+  ours = tmp_path / "ours.jsonl"
+  write_jsonl(str(ours), [make_pair(Q, "The answer is 42.", "It is 41.")])
+  got, _ = read_preferences_jsonl(str(theirs), "pairs", keys="prompt=question, chosen=better,rejected=worse")
+  assert got == read_preferences_jsonl(str(ours), "pairs")[0]
+  ranked = tmp_path / "ranked.jsonl"
+  write_jsonl(str(ranked), [{"prompt": Q, "ranked": ["The answer is 42.", "It is 41.", "No."]}])
+  (rec,), _ = read_preferences_jsonl(str(ranked), "rankings", keys="responses=ranked")
+  assert rec["responses"] == ["The answer is 42.", "It is 41.", "No."]
+  with pytest.raises(ValueError, match="ours=theirs"):
+    read_preferences_jsonl(str(theirs), "pairs", keys="question=prompt")

@@ -245,8 +245,22 @@ def write_jsonl(path: str, records: Iterable[dict]) -> str:
   return path
 
 
-def read_preferences_jsonl(path: str, kind: Kind, **kw) -> tuple[list[dict], SkipReport]:
-  return (read_pairs_jsonl if kind == "pairs" else read_rankings_jsonl)(path, **kw)
+def read_preferences_jsonl(path: str, kind: Kind, *, keys: str = "", **kw) -> tuple[list[dict], SkipReport]:
+  """Pairs or rankings; `keys` maps our fields to the file's, e.g. "prompt=question,chosen=better"."""
+  return (read_pairs_jsonl if kind == "pairs" else read_rankings_jsonl)(path, **key_args(keys, kind), **kw)
+
+
+def key_args(keys: str, kind: Kind) -> dict:
+  """"prompt=question,chosen=better" -> {"prompt_key": "question", "chosen_key": "better"}."""
+  ours = ("prompt", "chosen", "rejected", "margin", "answer") if kind == "pairs" else (
+      "prompt", "responses", "answer")
+  out = {}
+  for part in filter(None, (p.strip() for p in keys.split(","))):
+    name, sep, theirs = part.partition("=")
+    if not sep or name.strip() not in ours or not theirs.strip():
+      raise ValueError(f"preference file keys {keys!r}: expected ours=theirs with ours in {ours}")
+    out[f"{name.strip()}_key"] = theirs.strip()
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

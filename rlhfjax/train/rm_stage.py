@@ -69,13 +69,14 @@ def preference_files(run: Run, cfg: RMConfig, lab: LabelerConfig, sft_params) ->
   return train_path, test_path, True
 
 
-def prepare_preferences(run: Run, cfg: RMConfig, paths) -> tuple:
+def prepare_preferences(run: Run, cfg: RMConfig, paths, simulated: bool = True) -> tuple:
   """Validate (tokenizer-aware) -> `*.valid.jsonl` -> TFDS array_record; returns (train, test,
   {split: SkipReport})."""
   d = run.config.data
   reports, valid_paths = {}, []
   for split, path in zip(("train", "test"), paths):
-    recs, rep = read_preferences_jsonl(path, cfg.format, tokenizer=run.tokenizer,
+    recs, rep = read_preferences_jsonl(path, cfg.format, keys="" if simulated else cfg.file_keys,
+                                       tokenizer=run.tokenizer,
                                        max_prompt_len=d.max_prompt_len,
                                        max_response_len=d.max_response_len)
     reports[split] = rep
@@ -193,7 +194,7 @@ class RMStage(Stage):
     run, cfg = self.run, self.cfg
     self.sft_params = stage_params(run, "sft")
     *paths, self.simulated = preference_files(run, cfg, self.lab, self.sft_params)
-    self.train, self.test, self.reports = prepare_preferences(run, cfg, paths)
+    self.train, self.test, self.reports = prepare_preferences(run, cfg, paths, self.simulated)
     self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(self.train) / cfg.batch_size))
     self.tx = make_optimizer(cfg.optim(), self.total_steps)
     d = run.config.data
