@@ -23,8 +23,8 @@ def rm_config() -> ml_collections.ConfigDict:
   rm.format = "pairs"  # comparison format: "pairs" or "rankings" (K-way, best to worst)
   rm.ranking_size = 4  # K of K-way rankings (InstructGPT used 4-9)
   rm.pool = "last"  # per-token rewards -> score: "last" token, "sum" or "mean" over real tokens
-  rm.train_file = ""  # JSONL of human comparisons; "" = ask the simulated labeler
-  rm.test_file = ""  # held-out JSONL of comparisons (required with train_file)
+  rm.train_file = ""  # .jsonl / .parquet of human comparisons; "" = ask the simulated labeler
+  rm.test_file = ""  # held-out .jsonl / .parquet of comparisons (required with train_file)
   rm.file_keys = ""  # the files' keys, e.g. "prompt=question,chosen=better,rejected=worse" ("" = ours)
   rm.epochs = 2.0  # passes over the comparisons when steps == 0 (InstructGPT: 1 at their data size)
   rm.steps = 0  # optimizer updates; 0 = epochs * records / batch_size

@@ -131,3 +131,16 @@ def test_load_file_data_split(tmp_path):
   c.test_path = held
   train, test = load_file_data(c)
   assert len(test) == 1 and test[0]["answer"] == "3" and len(train) >= 40
+
+
+def test_chat_files_without_answers_reach_the_ppo_gold_score(tmp_path):
+  """The ppo stage's simulated human scores a chat prompt by its user turn (and needs no answer)."""
+  from rlhfjax.data.labeler import gold_scores
+  from rlhfjax.train.ppo_stage import _gold_metrics
+  path = _write(tmp_path / "chat.jsonl", [{"m": [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": f"What is {a} + 3?"}]} for a in (2, 4)])
+  exs, _ = read_examples(path, {"messages": "m"})
+  texts = ["The answer is 5.", "The answer is 9."]
+  want = gold_scores(["What is 2 + 3?", "What is 4 + 3?"], texts)
+  assert want[0] > want[1]  # the first is right
+  assert _gold_metrics(texts, exs)["gold_reward_mean"] == float(want.mean())

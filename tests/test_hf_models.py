@@ -25,6 +25,7 @@ import safetensors.numpy  # noqa: E402
 
 from rlhfjax.models import (PolicyModel, TransformerConfig, init_params, load_hf, positions_from_mask,  # noqa: E402
                             save_hf)
+from rlhfjax.models.hf import config_from_hf  # noqa: E402
 from rlhfjax.models.init import logical_specs  # noqa: E402
 from rlhfjax.parallel import create_mesh, logical_to_sharding  # noqa: E402
 from rlhfjax.sampling import SamplingConfig, generate  # noqa: E402
@@ -295,3 +296,92 @@ def test_one_line_errors(tmp_path):
   del tensors["model.layers.1.mlp.up_proj.weight"]
   safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   _one_line_error(ValueError, "tensor model.layers.1.mlp.up_proj.weight is missing", load_hf, path)
+
+
+def _gemma3_multimodal():
+  """A tiny random Gemma3ForConditionalGeneration: the gemma3 text model above + a tiny SigLIP tower
+  (image token ids outside the vocabulary: text-only inputs)."""
+  vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                patch_size=8)
+  cfg = transformers.Gemma3Config(text_config=FAMILIES["gemma3"](), vision_config=vision, mm_tokens_per_image=4,
+                                  boi_token_index=V, eoi_token_index=V + 1, image_token_index=V + 2)
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, dtype=torch.float32,
+                                                                   attn_implementation="eager").eval()
+  _randomize(model, "gemma3")
+  return model
+
+
+def _rename_tensors(src, dst, rename):
+  shutil.copytree(src, dst)
+  tensors = safetensors.numpy.load_file(os.path.join(src, "model.safetensors"))
+  safetensors.numpy.save_file({rename(k): v for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"),
+                              metadata={"format": "pt"})
+  return dst
+
+
+def test_gemma3_multimodal_loads_its_text_trunk(tmp_path, monkeypatch):
+  """Both weight layouts (`language_model.model.*` as transformers 4.5x / 5.x save it, and
+  `model.language_model.*`) load the text model with transformers' text logits, without reading a
+  vision tensor; save_hf writes a text-only Gemma3ForCausalLM with the same logits."""
+  model = _gemma3_multimodal()
+  legacy = str(tmp_path / "legacy")
+  model.save_pretrained(legacy)
+  newer = _rename_tensors(legacy, str(tmp_path / "newer"), lambda k: "model." + k.replace(
+      "language_model.model.", "language_model.") if not k.startswith("lm_head") else k)
+  with safetensors.safe_open(os.path.join(newer, "model.safetensors"), "numpy") as f:
+    names = list(f.keys())
+  assert any(k.startswith("model.language_model.layers.") for k in names)
+  assert any(k.startswith("model.vision_tower.") for k in names)
+  ids, mask = _batch()
+  ref = _hf_logits(model, ids, mask)
+  back = transformers.Gemma3ForConditionalGeneration.from_pretrained(newer, dtype=torch.float32,
+                                                                     attn_implementation="eager").eval()
+  assert _max_diff(_hf_logits(back, ids, mask), ref, mask) == 0.0  # transformers reads it as the same model
+  real, read = safetensors.safe_open, []
+
+  class Spy:  # safe_open that records which tensors are read
+    def __init__(self, *a, **k):
+      self.f = real(*a, **k)
+
+    def __enter__(self):
+      self.f.__enter__()
+      return self
+
+    def __exit__(self, *exc):
+      return self.f.__exit__(*exc)
+
+    def keys(self):
+      return self.f.keys()
+
+    def get_slice(self, name):
+      read.append(name)
+      return self.f.get_slice(name)
+
+  monkeypatch.setattr(safetensors, "safe_open", Spy)
+  loaded = {}
+  for layout, path, prefix in (("legacy", legacy, "language_model.model."), ("newer", newer, "model.language_model.")):
+    read.clear()
+    cfg, params = loaded[layout] = load_hf(path)
+    assert read and {k.partition(prefix)[0] for k in read} == {""}  # text tensors only
+    assert _max_diff(_our_logits(cfg, params, ids, mask), ref, mask) <= ATOL
+  cfg, params = loaded["legacy"]
+  assert cfg == loaded["newer"][0] and cfg.tie_embeddings and cfg.has_local_layers
+  monkeypatch.undo()
+  out = str(tmp_path / "out")
+  save_hf(cfg, params, out)
+  text = _from_pretrained(out)
+  assert type(text).__name__ == "Gemma3ForCausalLM"
+  assert _max_diff(_hf_logits(text, ids, mask), ref, mask) <= ATOL
+
+
+def test_gemma3_multimodal_config_defaults():
+  """Published multimodal checkpoints list in `text_config` only what differs from Gemma3TextConfig's
+  defaults (gemma-3-4b's below): the same model as transformers' full text config."""
+  sparse = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+  full = transformers.Gemma3Config(text_config=dict(sparse)).text_config.to_dict()
+  ours = config_from_hf({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                         "text_config": sparse})
+  assert ours == config_from_hf({**full, "architectures": ["Gemma3ForCausalLM"]})
+  assert (ours.n_heads, ours.head_dim, ours.vocab_size, ours.layer_types[5]) == (8, 256, 262_208, "global")

@@ -1,13 +1,16 @@
-"""Preference records: validation counts and skips, JSONL readers, TFDS array_record round trip,
-collate layout."""
+"""Preference records: validation counts and skips, JSONL / Parquet readers, TFDS array_record round
+trip, collate layout."""
 
 import json
+import sys
+import types
 
+import ml_collections
 import numpy as np
 import pytest
 
 from rlhfjax.data.preferences import (collate_preferences, load_preferences, make_pair, make_ranking,
-                                      read_pairs_jsonl, read_rankings_jsonl, validate_records,
+                                      read_pairs, read_preferences, read_rankings, validate_records,
                                       write_jsonl)
 from rlhfjax.tokenizer import Tokenizer, train_tokenizer
 
@@ -71,19 +74,19 @@ def test_jsonl_readers_skip_bad_lines(tmp_path, caplog):
       "",
   ]))
   with caplog.at_level("WARNING", logger="rlhfjax"):
-    recs, rep = read_pairs_jsonl(str(p), prompt_key="q", chosen_key="good", rejected_key="bad",
+    recs, rep = read_pairs(str(p), prompt_key="q", chosen_key="good", rejected_key="bad",
                                  margin_key="m")
   assert recs == [make_pair(Q, "The answer is 42.", "The answer is 41.", 2.0)]
   assert rep.skipped == {"invalid JSON": 1, "not an object": 1, "chosen == rejected": 1}
   assert "skipped 3" in caplog.text
   r = tmp_path / "rank.jsonl"
   write_jsonl(str(r), [make_ranking(Q, ["a", "b", "c"], "42"), make_ranking(Q, ["a"])])
-  recs, rep = read_rankings_jsonl(str(r))
+  recs, rep = read_rankings(str(r))
   assert recs == [make_ranking(Q, ["a", "b", "c"], "42")] and rep.total_skipped == 1
   bad = tmp_path / "bad.jsonl"
   bad.write_text("{}\n")
   with pytest.raises(ValueError, match="no valid"):
-    read_rankings_jsonl(str(bad))
+    read_rankings(str(bad))
 
 
 @pytest.mark.parametrize("kind", ["pairs", "rankings"])
@@ -125,16 +128,62 @@ def test_collate_layout(tokenizer):
 
 
 def test_file_keys_map_a_users_preference_files(tmp_path):
-  from rlhfjax.data.preferences import read_preferences_jsonl
   theirs = tmp_path / "theirs.jsonl"
   write_jsonl(str(theirs), [{"question": Q, "better": "The answer is 42.", "worse": "It is 41."}])
   ours = tmp_path / "ours.jsonl"
   write_jsonl(str(ours), [make_pair(Q, "The answer is 42.", "It is 41.")])
-  got, _ = read_preferences_jsonl(str(theirs), "pairs", keys="prompt=question, chosen=better,rejected=worse")
-  assert got == read_preferences_jsonl(str(ours), "pairs")[0]
+  got, _ = read_preferences(str(theirs), "pairs", keys="prompt=question, chosen=better,rejected=worse")
+  assert got == read_preferences(str(ours), "pairs")[0]
   ranked = tmp_path / "ranked.jsonl"
   write_jsonl(str(ranked), [{"prompt": Q, "ranked": ["The answer is 42.", "It is 41.", "No."]}])
-  (rec,), _ = read_preferences_jsonl(str(ranked), "rankings", keys="responses=ranked")
+  (rec,), _ = read_preferences(str(ranked), "rankings", keys="responses=ranked")
   assert rec["responses"] == ["The answer is 42.", "It is 41.", "No."]
   with pytest.raises(ValueError, match="ours=theirs"):
-    read_preferences_jsonl(str(theirs), "pairs", keys="question=prompt")
+    read_preferences(str(theirs), "pairs", keys="question=prompt")
+
+
+def test_parquet_preference_files(tmp_path, monkeypatch):
+  """Parquet pairs and rankings read as their JSONL twins, with `rm.file_keys` and bad rows counted."""
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  pairs = [{"question": Q, "better": "The answer is 42.", "worse": "It is 41.", "m": 1.5},
+           {"question": Q, "better": "same", "worse": "same", "m": 0.0},
+           {"question": None, "better": "a", "worse": "b", "m": 0.0}]
+  pq.write_table(pa.Table.from_pylist(pairs), str(tmp_path / "p.parquet"))
+  write_jsonl(str(tmp_path / "p.jsonl"), pairs)
+  keys = "prompt=question,chosen=better,rejected=worse,margin=m"
+  got, rep = read_preferences(str(tmp_path / "p.parquet"), "pairs", keys=keys)
+  assert got == [make_pair(Q, "The answer is 42.", "It is 41.", 1.5)]
+  assert got == read_preferences(str(tmp_path / "p.jsonl"), "pairs", keys=keys)[0]
+  assert rep.skipped == {"chosen == rejected": 1, "missing prompt": 1}
+  ranked = [{"prompt": Q, "ranked": ["The answer is 42.", "It is 41.", "No."], "answer": "42"}]
+  pq.write_table(pa.Table.from_pylist(ranked), str(tmp_path / "r.parquet"))
+  (rec,), _ = read_preferences(str(tmp_path / "r.parquet"), "rankings", keys="responses=ranked")
+  assert rec == make_ranking(Q, ["The answer is 42.", "It is 41.", "No."], "42")
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # `import pyarrow.parquet` fails
+  with pytest.raises(ImportError, match="pip install pyarrow"):
+    read_preferences(str(tmp_path / "r.parquet"), "rankings")
+
+
+def test_rm_stage_reads_a_users_parquet_preferences(tmp_path, tokenizer):
+  """The rm stage's own path for user files (rm.train_file / test_file / file_keys): validated with
+  the tokenizer, stored as array_record, read back."""
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  from rlhfjax.data.labeler import LabelerConfig
+  from rlhfjax.train.reward import RMConfig
+  from rlhfjax.train.rm_stage import prepare_preferences, preference_files
+  rows = [{"q": f"What is {i} + 1?", "good": f"The answer is {i + 1}.", "bad": f"The answer is {i}."}
+          for i in range(4)] + [{"q": Q, "good": "The answer is 4" + "2" * 60 + ".", "bad": "No."}]  # too long
+  for name, part in (("train", rows[:3] + rows[4:]), ("test", rows[3:4])):
+    pq.write_table(pa.Table.from_pylist(part), str(tmp_path / f"{name}.parquet"))
+  cfg = RMConfig(train_file=str(tmp_path / "train.parquet"), test_file=str(tmp_path / "test.parquet"),
+                 file_keys="prompt=q,chosen=good,rejected=bad")
+  run = types.SimpleNamespace(workdir=str(tmp_path / "w"), tokenizer=tokenizer, config=ml_collections.ConfigDict(
+      {"data": {"max_prompt_len": 16, "max_response_len": 24, "data_dir": ""}}))
+  *paths, simulated = preference_files(run, cfg, LabelerConfig(), None)
+  train, test, reports = prepare_preferences(run, cfg, paths, simulated)
+  assert not simulated and reports["train"].skipped == {"response too long": 1}
+  assert sorted(train[:], key=lambda r: r["prompt"]) == [
+      make_pair(r["q"], r["good"], r["bad"]) for r in rows[:3]]
+  assert test[:] == [make_pair(rows[3]["q"], rows[3]["good"], rows[3]["bad"])]

@@ -24,8 +24,7 @@ import re
 import zlib
 from typing import Mapping
 
-from rlhfjax.data.jsonl import iter_objects
-from rlhfjax.data.preferences import SkipReport
+from rlhfjax.data.preferences import SkipReport, iter_rows
 
 log = logging.getLogger("rlhfjax")
 KEYS = ("messages", "prompt", "response", "answer", "tests")  # the order records are filled in
@@ -85,20 +84,6 @@ def _example(obj: dict, fields: dict, answer_format: str) -> dict:
   return ex
 
 
-def _rows(path: str, report: SkipReport):
-  """(where, object) per record; unreadable JSONL lines go to `report` as they are reached."""
-  if not path.endswith(".parquet"):
-    for n, obj in iter_objects(path, lambda n, why: report.add(f"line {n}", why)):
-      yield f"line {n}", obj
-    return
-  try:
-    import pyarrow.parquet as pq
-  except ImportError:
-    raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-  for i, obj in enumerate(pq.read_table(path).to_pylist(), 1):
-    yield f"row {i}", obj
-
-
 def read_examples(path: str, fields: Mapping[str, str], *, max_bad_fraction: float = 0.0,
                   answer_format: str = "auto") -> tuple[list[dict], SkipReport]:
   """Reads every record of `path` into an example dict (see the module docstring).
@@ -119,7 +104,7 @@ def read_examples(path: str, fields: Mapping[str, str], *, max_bad_fraction: flo
     raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
   fields = {k: fields[k] for k in KEYS if k in fields}
   report, out = SkipReport(source=path), []
-  for where, obj in _rows(path, report):
+  for where, obj in iter_rows(path, report):
     try:
       out.append(_example(obj, fields, answer_format))
     except _Bad as e:

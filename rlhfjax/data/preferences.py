@@ -1,4 +1,4 @@
-"""Preference data: pairs and K-wise rankings, validation, JSONL readers, TFDS array_record builder.
+"""Preference data: pairs and K-wise rankings, validation, file readers, TFDS array_record builder.
 
 Two record kinds, plain dicts of `str` (plus a float margin):
 
@@ -13,8 +13,9 @@ Invalid records are never trained on and never crash a run: `validate_records` d
 returns a `SkipReport` counting each reason (chosen == rejected, empty prompt/response, K < 2,
 duplicate responses in a ranking, overlong prompt/response under the tokenizer), logged once.
 
-Storage: `read_pairs_jsonl` / `read_rankings_jsonl` parse user JSONL; `PreferenceBuilder` is a
-TFDS `GeneratorBasedBuilder` that turns validated JSONL files into array_record and reads them back
+Storage: `read_pairs` / `read_rankings` (`read_preferences` with a key mapping) parse user JSONL or
+Parquet (`iter_rows`, also the reader of `rlhfjax.data.files`); `PreferenceBuilder` is a TFDS
+`GeneratorBasedBuilder` that turns validated JSONL files into array_record and reads them back
 with `as_data_source` — NumPy only, no TensorFlow (the approach of `tfds_arithmetic.py`). Rankings
 store their responses as one JSON-encoded `Text` feature, so a ranking of any K round-trips as str.
 
@@ -34,7 +35,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -189,18 +190,34 @@ def validate_records(records: Iterable[dict], kind: Kind, *, tokenizer=None, max
 
 
 # ---------------------------------------------------------------------------------------------
-# JSONL
+# Files: JSONL or Parquet
 # ---------------------------------------------------------------------------------------------
 
 
+def iter_rows(path: str, report: SkipReport) -> Iterator[tuple[str, dict]]:
+  """(where, object) per record of a .jsonl file ("line N"; lines that are not JSON objects go to
+  `report` as they are reached) or a .parquet file ("row N"; read with pyarrow, imported here)."""
+  if not path.endswith(".parquet"):
+    for n, obj in iter_objects(path, lambda n, why: report.add(f"line {n}", why)):
+      yield f"line {n}", obj
+    return
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+  for i, obj in enumerate(pq.read_table(path).to_pylist(), 1):
+    yield f"row {i}", obj
+
+
 def _read_objects(path: str, report: SkipReport) -> list[dict]:
-  return [o for _, o in iter_objects(path, lambda n, why: report.add(f"line {n}", why))]
+  return [o for _, o in iter_rows(path, report)]
 
 
-def read_pairs_jsonl(path: str, *, prompt_key: str = "prompt", chosen_key: str = "chosen",
-                     rejected_key: str = "rejected", margin_key: str | None = "margin",
-                     answer_key: str | None = "answer", **validate_kw) -> tuple[list[dict], SkipReport]:
-  """Pairs from JSONL (one object per line); bad lines and invalid records are counted and skipped.
+def read_pairs(path: str, *, prompt_key: str = "prompt", chosen_key: str = "chosen",
+               rejected_key: str = "rejected", margin_key: str | None = "margin",
+               answer_key: str | None = "answer", **validate_kw) -> tuple[list[dict], SkipReport]:
+  """Pairs from a .jsonl (one object per line) or .parquet file; bad lines and invalid records are
+  counted and skipped.
 
   `validate_kw` goes to `validate_records` (tokenizer, max_prompt_len, max_response_len).
   Returns (records, SkipReport). A file without a single valid record is an error.
@@ -213,9 +230,9 @@ def read_pairs_jsonl(path: str, *, prompt_key: str = "prompt", chosen_key: str =
   return _finish(recs, "pairs", report, path, validate_kw)
 
 
-def read_rankings_jsonl(path: str, *, prompt_key: str = "prompt", responses_key: str = "responses",
-                        answer_key: str | None = "answer", **validate_kw) -> tuple[list[dict], SkipReport]:
-  """Rankings from JSONL: `responses` a list ordered best to worst. As `read_pairs_jsonl`."""
+def read_rankings(path: str, *, prompt_key: str = "prompt", responses_key: str = "responses",
+                  answer_key: str | None = "answer", **validate_kw) -> tuple[list[dict], SkipReport]:
+  """Rankings from .jsonl / .parquet: `responses` a list ordered best to worst. As `read_pairs`."""
   report = SkipReport(source=path)
   objs = _read_objects(path, report)
   recs = [{"prompt": o.get(prompt_key), "responses": o.get(responses_key),
@@ -245,9 +262,10 @@ def write_jsonl(path: str, records: Iterable[dict]) -> str:
   return path
 
 
-def read_preferences_jsonl(path: str, kind: Kind, *, keys: str = "", **kw) -> tuple[list[dict], SkipReport]:
-  """Pairs or rankings; `keys` maps our fields to the file's, e.g. "prompt=question,chosen=better"."""
-  return (read_pairs_jsonl if kind == "pairs" else read_rankings_jsonl)(path, **key_args(keys, kind), **kw)
+def read_preferences(path: str, kind: Kind, *, keys: str = "", **kw) -> tuple[list[dict], SkipReport]:
+  """Pairs or rankings from .jsonl / .parquet; `keys` maps our fields to the file's, e.g.
+  "prompt=question,chosen=better" (`config.rm.file_keys`)."""
+  return (read_pairs if kind == "pairs" else read_rankings)(path, **key_args(keys, kind), **kw)
 
 
 def key_args(keys: str, kind: Kind) -> dict:
@@ -320,7 +338,7 @@ def _tfds_classes():
       return {"train": self._generate_examples(cfg.train_path), "test": self._generate_examples(cfg.test_path)}
 
     def _generate_examples(self, path):
-      recs, _ = read_preferences_jsonl(path, self.builder_config.kind)
+      recs, _ = read_preferences(path, self.builder_config.kind)
       for i, r in enumerate(recs):
         if "responses" in r:
           yield i, {"prompt": r["prompt"], "responses_json": json.dumps(r["responses"]),

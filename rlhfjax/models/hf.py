@@ -1,7 +1,10 @@
 """Hugging Face checkpoints in and out: `config.json` + `*.safetensors` <-> (TransformerConfig, params).
 
 Families: Llama 3.x (`LlamaForCausalLM`), Qwen2/2.5 (`Qwen2ForCausalLM`), Qwen3 (`Qwen3ForCausalLM`),
-Gemma 3 text (`Gemma3ForCausalLM`). All are the one trunk in `rlhfjax.models.transformer` with its
+Gemma 3 text (`Gemma3ForCausalLM`), and the text trunk of Gemma 3 multimodal checkpoints
+(`Gemma3ForConditionalGeneration`: `text_config`, weights under `language_model.model.` or
+`model.language_model.`; the vision tower's tensors are never read, and `save_hf` writes the text-only
+`Gemma3ForCausalLM`). All are the one trunk in `rlhfjax.models.transformer` with its
 family switches set; `PolicyModel(cfg).apply({"params": params}, tokens, positions, mask)` gives the
 logits transformers gives for the same tokens, attention mask and position ids.
 
@@ -39,8 +42,17 @@ SUPPORTED = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3_text",
 }
-_SUPPORTED_LINE = ", ".join(f"{a} ({t})" for a, t in SUPPORTED.items())
+_SUPPORTED_LINE = ", ".join(f"{a} ({t})" for a, t in SUPPORTED.items()) + \
+    ", Gemma3ForConditionalGeneration (gemma3, text trunk only)"
 _INDEX = "model.safetensors.index.json"
+# Gemma3TextConfig's defaults: a multimodal checkpoint's `text_config` lists only what differs from them
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+    "sliding_window": 4096, "tie_word_embeddings": True}
+# multimodal weight-name prefixes (transformers 4.5x / newer layouts) -> the text model's names
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,8 +130,20 @@ def _family(hf: dict, where: str) -> str:
   return family
 
 
+def text_config(hf: dict) -> dict:
+  """A Gemma 3 multimodal `config.json` dict -> its text model's, as a `Gemma3ForCausalLM` config
+  (Gemma3TextConfig defaults filled in); any other dict as it is."""
+  if hf.get("model_type") != "gemma3" and "Gemma3ForConditionalGeneration" not in (hf.get("architectures") or []):
+    return hf
+  tied = {"tie_word_embeddings": hf["tie_word_embeddings"]} if "tie_word_embeddings" in hf else {}
+  return {**_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}), **tied,
+          "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+
+
 def config_from_hf(hf: dict, dtype: str = "float32", where: str = "config.json") -> TransformerConfig:
-  """The `TransformerConfig` of a Hugging Face `config.json` dict (either layout)."""
+  """The `TransformerConfig` of a Hugging Face `config.json` dict (either layout; Gemma 3 multimodal
+  gives its text model)."""
+  hf = text_config(hf)
   family = _family(hf, where)
   gemma = family == "gemma3_text"
   n_heads = hf["num_attention_heads"]
@@ -292,14 +316,16 @@ def load_hf(path: str, *, dtype: str = "float32", mesh=None, rules=None):
     from rlhfjax.parallel import logical_to_sharding
     shardings = logical_to_sharding(logical_specs(model), mesh, ax.DEFAULT_RULES if rules is None else rules)
 
+  prefixes = _TEXT_PREFIXES if text_config(hf) is not hf else ()
   with contextlib.ExitStack() as stack:
     handles = [stack.enter_context(safe_open(f, framework="numpy")) for f in files]
-    where = {k: h for h in handles for k in h.keys()}
+    where = {_text_name(k, prefixes): (h, k) for h in handles for k in h.keys()}  # our name -> (file, its)
 
     def get(name):
       if name not in where:
         raise ValueError(f"{path}: tensor {name} is missing from the checkpoint")
-      return where[name].get_slice(name)
+      h, key = where[name]
+      return h.get_slice(key)
 
     def leaf(key_path, spec):
       p = tuple(k.key for k in key_path)
@@ -324,6 +350,13 @@ def load_hf(path: str, *, dtype: str = "float32", mesh=None, rules=None):
     _check_shapes(get, tmap, shapes, path)  # metadata only
     params = jax.tree_util.tree_map_with_path(leaf, shapes)
   return cfg, params
+
+
+def _text_name(key: str, prefixes) -> str:
+  for theirs, ours in prefixes:
+    if key.startswith(theirs):
+      return ours + key[len(theirs):]
+  return key
 
 
 def _get_path(tree, p):
@@ -424,7 +457,8 @@ def save_hf(cfg: TransformerConfig, params, path: str, tokenizer=None) -> None:
   `transformers.AutoModelForCausalLM.from_pretrained(path)` loads with the same logits.
 
   `tokenizer`: an object with `save_pretrained(path)` (a transformers tokenizer), or a directory whose
-  tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied.
+  tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied. A model loaded from a Gemma 3
+  multimodal checkpoint is written as the text-only `Gemma3ForCausalLM` (no vision tower).
   """
   from safetensors.numpy import save_file
 

@@ -9,6 +9,11 @@ this completion" (missing gold answer, verifier infrastructure error, ...), neve
 a bad answer is a low score. Functions must accept and ignore example fields they do not use
 (take ``**unused_fields``), so one batch dict can be splatted into every reward.
 
+``prompts`` are always strings: a chat prompt (``data.fields.messages``) arrives as the content of its
+last user turn, and the whole chat as the example field ``messages`` (a list of ``{"role", "content"}``
+dicts; a plain prompt is the one user turn ``[{"role": "user", "content": prompt}]``). The other
+fields are the examples' own (``answer``, ``tests``, ``response``, ...; ``None`` where one lacks it).
+
 Rewards run on the host between sampling and ``make_experience``; they are plain Python/NumPy.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ _REGISTRY: dict[str, RewardFn] = {}
 BUILTIN_REWARDS = {
     "math": "rlhfjax.rewards.math:math_reward_fn",
     "format": "rlhfjax.rewards.format:format_reward_fn",
+    "length": "rlhfjax.rewards.format:length_penalty_fn",
     "code": "rlhfjax.rewards.sandbox:code_reward_fn",
     "gold_preference": "rlhfjax.data.labeler:gold_preference_reward",
 }
@@ -103,9 +109,22 @@ def _normalize_specs(fns_with_weights) -> list[tuple[str, RewardFn, float]]:
   return out
 
 
+def prompt_text(prompt) -> str:
+  """A prompt as reward functions see it: the text itself, or a chat's last user turn (else last turn)."""
+  if isinstance(prompt, str):
+    return prompt
+  turns = [m for m in prompt if m["role"] == "user"] or list(prompt)
+  return turns[-1]["content"]
+
+
+def as_chat(prompt) -> list[dict]:
+  """A prompt as a chat: a plain prompt is one user turn."""
+  return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 def combine_rewards(
     fns_with_weights: Mapping[str, float] | Sequence[tuple[Any, ...]],
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[dict]],
     completions: Sequence[str],
     nan_policy: str = "zero",
     **example_fields: Any,
@@ -120,6 +139,8 @@ def combine_rewards(
       ``"zero"`` (default) -- contribute 0 to the total, counted in ``nan_counts``;
       ``"raise"`` -- raise ``ValueError`` (or re-raise the function's exception);
       ``"propagate"`` -- the total is NaN for that completion (let the caller drop or mask it).
+    prompts: strings, or chats (lists of ``{"role", "content"}``): functions get ``prompt_text`` of
+      each and, unless given in ``example_fields``, the chats as ``messages``.
     **example_fields: per-example fields (``answer=[...]``, ``tests=[...]``) passed to every function.
 
   Returns:
@@ -132,6 +153,8 @@ def combine_rewards(
   n = len(completions)
   if len(prompts) != n:
     raise ValueError(f"{len(prompts)} prompts but {n} completions")
+  example_fields.setdefault("messages", [as_chat(p) for p in prompts])
+  prompts = [prompt_text(p) for p in prompts]
   total = np.zeros([n], np.float32)
   per_fn: dict[str, np.ndarray] = {}
   nan_counts: dict[str, int] = {}

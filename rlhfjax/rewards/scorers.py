@@ -6,8 +6,10 @@
 functions; `rlhfjax.rewards.base`) on the host; `reward_model_scorer(params, model_cfg)` runs a
 trained reward model (or ensemble) on the device rollout's `[prompt | response]` tokens; the reward
 model's jitted scoring (`score`, `ensemble_score`, `score_batched`) is here too. `examples` are the
-rows' prompt records (`answer`, `tests`, ...). A NaN score means "could not score" (the RL loop's
-`nan_reward` decides what happens to it).
+rows' prompt records (`prompt`, `answer`, `tests`, ...): reward functions get every field but `prompt`
+as a keyword (`None` where a row lacks it), the prompt as text and the chat as `messages`
+(`rlhfjax.rewards.base`). A NaN score means "could not score" (the RL loop's `nan_reward` decides
+what happens to it).
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def verifier_scorer(spec: str, nan_reward: str = "zero") -> Scorer:
 
   def score(texts, examples, rollout):
     del rollout
-    total, per_fn, nan_counts = combine_rewards(weights, [e["prompt"] for e in examples], texts,
-                                                nan_policy=policy, answer=[e["answer"] for e in examples])
+    keys = sorted({k for e in examples for k in e} - {"prompt"})
+    total, per_fn, nan_counts = combine_rewards(weights, [e["prompt"] for e in examples], texts, nan_policy=policy,
+                                                **{k: [e.get(k) for e in examples] for k in keys})
     metrics = {f"reward_{k}": _nanmean(v) for k, v in per_fn.items()}
     metrics.update({f"reward_nan_{k}": float(v) for k, v in nan_counts.items()})
     return np.asarray(total, np.float32), metrics

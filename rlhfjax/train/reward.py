@@ -39,8 +39,8 @@ class RMConfig:
   format: str = "pairs"  # "pairs" or "rankings"
   ranking_size: int = 4  # K of K-way rankings
   pool: str = "last"  # per-token head outputs -> score: "last" | "sum" | "mean" (`RewardModel`)
-  train_file: str = ""  # JSONL of human comparisons; "" = the simulated labeler
-  test_file: str = ""  # held-out JSONL (needed with train_file)
+  train_file: str = ""  # .jsonl / .parquet of human comparisons; "" = the simulated labeler
+  test_file: str = ""  # held-out .jsonl / .parquet (needed with train_file)
   file_keys: str = ""  # "ours=theirs,..." for prompt/chosen/rejected/margin/answer/responses
   epochs: float = 1.0  # passes over the comparisons (when steps == 0)
   steps: int = 0  # optimizer updates; 0 = epochs * records / batch_size
