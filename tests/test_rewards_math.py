@@ -22,7 +22,7 @@ COMPLETIONS = [
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
     ("\\boxed{\\dfrac{3}{4}}", "3/4", 1.0),
     ("We get \\boxed{1,000}", "1000", 1.0),
-    ("\\boxed{5} then later \\boxed{6}", "6", 1.0),
+    ("\\boxed{5} then later \\boxed{6}", "6", 0.0),  # two different final answers: a hedge
     ("\\boxed{5} then later \\boxed{6}", "5", 0.0),
     ("nested \\boxed{\\frac{\\sqrt{4}}{1}} hmm", "\\frac{\\sqrt{4}}{1}", 1.0),
     ("\\boxed{x = 7}", "7", 1.0),
@@ -73,6 +73,53 @@ def test_table_is_broad():
   assert len(COMPLETIONS) >= 40
 
 
+@pytest.mark.parametrize("completion,gold,expected", [
+    # several different final answers: none counts
+    ("The answer is 12 \u2026 no wait, 13. The answer is 13", "12", 0.0),
+    ("The answer is 12 \u2026 no wait, 13. The answer is 13", "13", 0.0),
+    ("The answer is 8.\n#### 9", "9", 0.0),
+    ("\\boxed{12}. Hmm, actually the answer is 13.", "12", 0.0),
+    ("Answer: 7. Or maybe \\boxed{8}", "8", 0.0),
+    ("The answer is B. No, the answer is C.", "C", 0.0),
+    ("The answer is 12 or 13.", "12", 0.0),  # a list is not a number
+    ("\\boxed{12, 13}", "12", 0.0),
+    ("<thinking>x</thinking> The answer is 4. The answer is 5.", "5", 0.0),
+    # restating the same answer, commentary, hedges inside the thinking: fine
+    ("The answer is 3151. So the final answer is \\boxed{3,151}.", "3151", 1.0),
+    ("#### 1/2\nThe answer is 0.5", "0.5", 1.0),
+    ("<thinking> 7+8=15 </thinking> The answer is 85. The answer is 85.", "85", 1.0),  # arithmetic `repeat`
+    ("The answer is 42. I am sure the answer is correct.", "42", 1.0),
+    ("The answer isn't 41. The answer is 42.", "42", 1.0),
+    ("The answer isn't 4.", "4", 0.0),
+    ("<thinking>The answer is 12? No, the answer is 13.</thinking> The answer is 13.", "13", 1.0),
+    ("The answer is 2. Then 3 more sentences with 99.", "2", 1.0),
+])
+def test_hedged_answers(completion, gold, expected):
+  assert math_reward([completion], [gold])[0] == expected, extract_answer(completion)
+
+
+@pytest.mark.parametrize("completion", [
+    "<thinking>2+2=4. The answer is 4.",
+    "<thinking>\\boxed{4}",
+    "<thinking>4",
+    "The answer is 4. <thinking>let me check that",
+    "<thinking>a</thinking> The answer is 4. <thinking>hmm, or 5",
+    "<thinking>a</thinking><thinking>b, so 4",
+])
+def test_unclosed_thinking_has_no_answer(completion):
+  assert extract_answer(completion) is None
+  assert math_reward([completion], ["4"])[0] == 0.0
+
+
+@pytest.mark.parametrize("completion", [
+    "<thinking>a<thinking>b</thinking></thinking> The answer is 4.",  # last open tag is closed
+    "steps 2+2</thinking> The answer is 4.",  # the prompt opened the block
+    "<thinking> 2+2 </thinking> The answer is 4. <thinking> 3 </thinking>",  # nothing after: whole text
+])
+def test_closed_thinking_has_an_answer(completion):
+  assert math_reward([completion], ["4"])[0] == 1.0
+
+
 @pytest.mark.parametrize("text,expected", [
     ("<thinking>maybe 5</thinking> The answer is 3,151.", "3,151"),
     ("\\boxed{-12}", "-12"),
@@ -108,6 +155,9 @@ def test_extract_answer(text, expected):
     (" 42 ", "42", True),
     ("50%", "50", True),
     ("x = 5", "5", True),
+    ("12\\text{ cm}", "12", True),  # a unit after a number
+    ("90^{\\circ}", "90", True),
+    ("12\\text{ cm}", "13", False),
     ("0.3333333", "1/3", True),  # rounded decimal vs non-terminating rational: rel tol 1e-6
     ("0.33", "1/3", False),
     ("0.5000001", "0.5", False),  # both exact: no tolerance

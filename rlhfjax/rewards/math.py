@@ -1,19 +1,37 @@
 """Math answer verifier: find the final answer in a completion and compare it with the gold one.
 
-Extraction (``extract_answer``) reads the text after the last ``</thinking>`` when that is
-non-blank (numbers inside the thinking block are then ignored), else the whole text, and takes the
-first found of: the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled); the last "The
-(final) answer is ..."; the last "Answer: ..." (also "Final answer: ...", "**Answer:** ..."); the
-last GSM8K-style "#### ..."; the last number in the text.
+Extraction (``extract_answer``):
 
-Comparison (``answers_match``) normalizes thousands separators, whitespace, ``$``, a leading
-``+``, the unicode minus, trailing periods, ``\\frac{a}{b}``, ``\\text{...}``, a trailing ``%``,
-and an ``x = `` prefix, then compares numbers exactly as rationals (``fractions.Fraction``:
-``12 == 12.0``, ``1/2 == 0.5``). A relative tolerance of 1e-6 is used only where exact
-comparison is impossible: a non-terminating rational (``1/3``) against a rounded decimal
-(``0.3333333``), or a number too large/odd for ``Fraction``. Two non-numeric answers match when
-their normalized strings are identical (case-insensitive), e.g. multiple-choice letters. Anything
-else -- ``None``, empty, one side unparseable -- is ``False``; it never raises.
+- **Where.** A completion whose last ``<thinking>`` is not closed by a later ``</thinking>`` is
+  still thinking and has no final answer (None). Otherwise the answer is read from the text after
+  the last ``</thinking>`` when that is non-blank (statements inside or before the thinking are
+  scratch work), else from the whole text. Only the completion is seen: when the prompt opens the
+  block, a completion still thinking has no tag and is read as it is.
+- **What counts as a stated final answer**, in order of position: ``\\boxed{...}`` /
+  ``\\fbox{...}`` (nested braces handled; empty or unbalanced ones ignored); "The answer is ..."
+  and "The final answer is ..." (optionally followed by a colon); "Answer: ...",
+  "Final answer: ..." and "**Answer:** ..."; GSM8K's "#### ...". After a phrase the answer is its
+  leading number ("the answer is 7 apples" -> ``7``; not in a list, "12 or 13", "12, 13"), else its
+  clause up to the end of the sentence (``B``, ``x = 5``); a phrase's text ends where the next
+  statement starts.
+- **The last statement counts, and all must agree.** A statement is *definite* when it is boxed,
+  after ``####``, a number, or one short token such as a choice letter (not a word of three or
+  more letters: "the answer is correct" is commentary, not an answer). The final answer is the
+  last definite statement, and every definite statement must equal it under ``answers_match``
+  (``3,151`` restates ``3151``); if two differ the completion hedged and has no final answer
+  (None): "The answer is 12 ... no wait, 13. The answer is 13" scores 0 for 12 and for 13. With no
+  definite statement the last statement counts.
+- **Fallback.** With no statement at all, the last number in the text.
+
+Comparison (``answers_match``) normalizes thousands separators, whitespace, ``$``, a leading ``+``,
+the unicode minus, trailing periods, ``\\frac{a}{b}``, ``\\text{...}`` (dropped when it is a unit
+after a number: ``12\\text{ cm}``), degree signs, a trailing ``%``, and an ``x = `` prefix, then
+compares numbers exactly as rationals (``fractions.Fraction``: ``12 == 12.0``, ``1/2 == 0.5``). A
+relative tolerance of 1e-6 is used only where exact comparison is impossible: a non-terminating
+rational (``1/3``) against a rounded decimal (``0.3333333``), or a number too large/odd for
+``Fraction``. Two non-numeric answers match when their normalized strings are identical
+(case-insensitive), e.g. multiple-choice letters. Anything else -- ``None``, empty, one side
+unparseable -- is ``False``; it never raises.
 """
 from __future__ import annotations
 
@@ -29,74 +47,74 @@ import numpy as np
 # digits, optional decimals, optional "/denominator".
 _NUM = r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?"
 _NUM_RE = re.compile(_NUM)
-_LEADING_NUM_RE = re.compile(r"^\s*\$?\s*(" + _NUM + r")(?![\d/])")
-_ANSWER_IS_RE = re.compile(r"(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE)
-_ANSWER_COLON_RE = re.compile(r"(?:final\s+)?answer\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*([^\n]*)", re.IGNORECASE)
-_HASHES_RE = re.compile(r"####\s*([^\n]*)")
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_THINK_CLOSE = "</thinking>"
+# A phrase's leading number, not the first of a list ("12 or 13", "12, 13").
+_LEADING_NUM_RE = re.compile(r"^\s*\$?\s*(" + _NUM + r")(?![\d/])(?!\s*(?:,|or)\s*[-+\u2212]?\d)")
+_FINAL_RE = re.compile(r"\\(?:boxed|fbox)\s*\{|####|\b(?:final\s+)?answer"
+                       r"(?:\s+is\s*:?|\s*(?:\*\*)?\s*:\s*(?:\*\*)?)", re.IGNORECASE)
+_THINK_OPEN, _THINK_CLOSE = "<thinking>", "</thinking>"
 
 
-def _last_boxed(text: str) -> str | None:
-  """Content of the last ``\\boxed{...}`` with balanced braces, or None."""
-  result = None
-  for m in _BOXED_RE.finditer(text):
-    depth, i = 1, m.end()
-    while i < len(text) and depth:
-      depth += {"{": 1, "}": -1}.get(text[i], 0)
-      i += 1
-    if depth == 0:
-      result = text[m.end():i - 1]
-  return result
+def _boxed_at(text: str, start: int) -> str | None:
+  """Content of the ``\\boxed{`` whose brace ends at ``start`` (balanced), or None if unbalanced."""
+  depth, i = 1, start
+  while i < len(text) and depth:
+    depth += {"{": 1, "}": -1}.get(text[i], 0)
+    i += 1
+  return text[start:i - 1] if depth == 0 else None
 
 
 def _clean_phrase(span: str) -> str | None:
   """Turns the text after "The answer is" into an answer: its leading number, or the clause."""
   span = span.strip().strip("*").strip()
-  boxed = _last_boxed(span)
-  if boxed is not None:
-    return boxed.strip() or None
   m = _LEADING_NUM_RE.match(span)
   if m:
     return m.group(1).strip()
-  # Non-numeric answer ("B", "x = 5"): up to the end of the sentence.
-  span = re.split(r"\.(?:\s|$)", span, maxsplit=1)[0]
-  span = span.strip().strip("*$ ").strip()
-  return span or None
+  span = re.split(r"\.(?:\s|$)", span, maxsplit=1)[0]  # non-numeric ("B", "x = 5"): the sentence
+  return span.strip().strip("*$ ").strip() or None
+
+
+def _statements(text: str):
+  """Yields ``(answer, definite)`` for each stated final answer, in order (module docstring)."""
+  found = list(_FINAL_RE.finditer(text))
+  for m, end in zip(found, [n.start() for n in found[1:]] + [len(text)]):
+    if m.group().startswith("\\"):
+      answer = (_boxed_at(text, m.end()) or "").strip()
+      definite = True
+    else:
+      answer = _clean_phrase(text[m.end():end].split("\n", 1)[0]) or ""
+      definite = m.group() == "####" or _to_fraction(_normalize(answer)) is not None or (
+          len(answer.split()) == 1 and not re.fullmatch(r"[A-Za-z]{3,}", answer))
+    if answer:
+      yield answer, definite
 
 
 def _extract_from(text: str) -> str | None:
-  boxed = _last_boxed(text)
-  if boxed is not None and boxed.strip():
-    return boxed.strip()
-  for pattern in (_ANSWER_IS_RE, _ANSWER_COLON_RE, _HASHES_RE):
-    for m in reversed(list(pattern.finditer(text))):
-      answer = _clean_phrase(m.group(1))
-      if answer is not None:
-        return answer
-  numbers = _NUM_RE.findall(text)
-  return numbers[-1].strip() if numbers else None
+  found = list(_statements(text))
+  if not found:
+    numbers = _NUM_RE.findall(text)
+    return numbers[-1].strip() if numbers else None
+  definite = [a for a, d in found if d] or [found[-1][0]]
+  return definite[-1] if all(answers_match(a, definite[-1]) for a in definite) else None
 
 
 def extract_answer(text: str | None) -> str | None:
   """Returns the final answer written in ``text`` (a string, un-normalized), or None."""
-  if not isinstance(text, str) or not text.strip():
+  if not isinstance(text, str) or not text.strip() or text.rfind(_THINK_OPEN) > text.rfind(_THINK_CLOSE):
     return None
-  if _THINK_CLOSE in text:
-    tail = text.rsplit(_THINK_CLOSE, 1)[1]
-    if tail.strip():
-      return _extract_from(tail)
-  return _extract_from(text)
+  tail = text.rsplit(_THINK_CLOSE, 1)[-1]
+  return _extract_from(tail if tail.strip() else text)
 
 
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_UNIT_RE = re.compile(r"(?<=\d)\s*\\(?:text|mbox|mathrm)\s*\{\s*[A-Za-z ]+\}|\^\s*\{?\s*\\circ\s*\}?|\u00b0")
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 
 
 def _normalize(ans: str) -> str:
   s = ans.strip()
   s = _FRAC_RE.sub(r"(\1)/(\2)", s)
+  s = _UNIT_RE.sub("", s)  # "12\text{ cm}", "90^\circ"
   s = _TEXT_RE.sub(r"\1", s)
   for old, new in (("\u2212", "-"), ("\\$", ""), ("$", ""), ("\\!", ""), ("\\,", ""), ("**", ""),
                    ("\\left", ""), ("\\right", ""), ("\u00a0", " ")):
