@@ -75,6 +75,9 @@ def rl_config(c):
   c.rl_loop.checkpoint_every = 10  # save every N iterations
   c.rl_loop.keep_checkpoints = 2  # checkpoints kept
   c.rl_loop.nan_reward = "zero"  # unscorable (NaN) reward: zero | mask (drop from the loss) | raise
+  c.rl_loop.max_unscored_share = 0.5  # stop when more than this share of completions is unscored ...
+  c.rl_loop.max_unscored_iters = 3  # ... this many iterations in a row (0 = never stop)
+  c.rl_loop.max_skipped_iters = 3  # stop after this many iterations in a row with a non-finite update skipped (0 = never)
   c.rl_loop.update_variant = "jit"  # update parallelism: jit (GSPMD, data+fsdp+tensor) | shard_map (explicit psum over data)
 
 
@@ -90,7 +93,7 @@ def get_config():
   c.tokenizer.template_kwargs = {}  # extra chat-template variables, e.g. {"enable_thinking": False}
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "arithmetic"  # arithmetic (built here) | file (JSONL / Parquet, keys below)
+  c.data.source = "arithmetic"  # arithmetic (built here) | file (JSONL / Parquet, keys below) | code (generated Python tasks)
   c.data.train_path = ""  # file: the training file
   c.data.test_path = ""  # file: the held-out file; "" = hash-split train_path by prompt
   c.data.test_fraction = 0.1  # file: share hashed into test when test_path is ""
@@ -101,7 +104,10 @@ def get_config():
   c.data.ops = "+"  # operators drawn uniformly, any of "+-*"
   c.data.min_digits = 2  # fewest digits per operand
   c.data.max_digits = 2  # most digits per operand
+  c.data.min_digits_b = 0  # the second operand's digit range (0 = as the first's)
+  c.data.max_digits_b = 0
   c.data.thinking = True  # demonstrations carry a <thinking> scratchpad
+  c.data.thinking_prob = 1.0  # share of demonstrations that show the scratchpad (the rest answer directly)
   # teacher weakness: "none", "drop_carry" (forgets carries) or "drop_final_carry" (forgets only
   # the carry out of the leading column)
   c.data.flaw = "none"

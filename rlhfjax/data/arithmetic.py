@@ -42,7 +42,10 @@ class ArithmeticConfig:
   ops: tuple[str, ...] = ("+",)  # operators drawn uniformly: any of "+", "-", "*"
   min_digits: int = 2  # fewest digits per operand (1-digit operands are 0..9)
   max_digits: int = 2  # most digits per operand; digit count is drawn uniformly per operand
+  min_digits_b: int = 0  # the second operand's digit range (0 = as the first's)
+  max_digits_b: int = 0
   thinking: bool = True  # demonstrations carry a <thinking> column-by-column scratchpad
+  thinking_prob: float = 1.0  # with thinking, the share of demonstrations that show it (others answer directly)
   # the teacher's systematic weakness: forget any carry, or only the carry out of the leading column
   flaw: Literal["none", "drop_carry", "drop_final_carry"] = "none"
   flaw_prob: float = 1.0  # probability the flawed teacher forgets each carry of its class
@@ -59,7 +62,9 @@ class ArithmeticConfig:
       raise ValueError(f"flaw must be one of {FLAWS}, got {self.flaw!r}")
     if not 0.0 <= self.flaw_prob <= 1.0:
       raise ValueError(f"flaw_prob must be in [0, 1], got {self.flaw_prob}")
-    for name in ("chatter", "repeat"):
+    if not 1 <= (self.min_digits_b or self.min_digits) <= (self.max_digits_b or self.max_digits):
+      raise ValueError(f"need 1 <= min_digits_b <= max_digits_b, got {self.min_digits_b}, {self.max_digits_b}")
+    for name in ("chatter", "repeat", "thinking_prob"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
     if not 0.0 < self.test_fraction < 1.0:
@@ -188,8 +193,8 @@ def _split_of(question: str, test_fraction: float) -> str:
   return "test" if bucket < int(round(test_fraction * 10_000)) else "train"
 
 
-def _sample_operand(rng: random.Random, cfg: ArithmeticConfig) -> int:
-  d = rng.randint(cfg.min_digits, cfg.max_digits)
+def _sample_operand(rng: random.Random, lo: int, hi: int) -> int:
+  d = rng.randint(lo, hi)
   return rng.randint(0, 9) if d == 1 else rng.randint(10 ** (d - 1), 10**d - 1)
 
 
@@ -209,7 +214,7 @@ def make_problem(a: int, op: str, b: int, config: ArithmeticConfig,
   demo = f"The answer is {value}."
   if config.chatter > 0 or config.repeat > 0:
     demo = chatty(demo, config, rng or random.Random(0))
-  if config.thinking:
+  if config.thinking and (config.thinking_prob >= 1.0 or (rng or random.Random(0)).random() < config.thinking_prob):
     demo = f"<thinking> {' '.join(steps)} </thinking> {demo}"
   return {"prompt": question, "answer": str(gold), "demonstration": demo, "has_carry": has_carry}
 
@@ -237,7 +242,8 @@ def generate_problems(config: ArithmeticConfig, n: int, seed: int, split: str = 
   misses = 0
   while len(out) < n:
     op = rng.choice(config.ops)
-    a, b = _sample_operand(rng, config), _sample_operand(rng, config)
+    a = _sample_operand(rng, config.min_digits, config.max_digits)
+    b = _sample_operand(rng, config.min_digits_b or config.min_digits, config.max_digits_b or config.max_digits)
     if op == "-" and a < b:
       a, b = b, a
     if _split_of(f"What is {a} {op} {b}?", config.test_fraction) != split:

@@ -52,12 +52,22 @@ def format_reward_fn(prompts: Sequence[str], completions: Sequence[str], **unuse
   return format_reward(completions)
 
 
-def thinking_stats(completions: Sequence[str], *, open_tag_in_prompt: bool = False) -> dict[str, float]:
+def length_penalty_fn(prompts: Sequence[str], completions: Sequence[str], **unused_fields: Any) -> np.ndarray:
+  """Minus the completion's length in whitespace-separated words: weighted, a per-token cost of
+  thinking (`rl_reward = "math:1,length:0.02"`)."""
+  del prompts, unused_fields
+  return -np.array([len(c.split()) for c in completions], np.float32)
+
+
+def thinking_stats(completions: Sequence[str], *, open_tag_in_prompt: bool = False,
+                   answers: Sequence[Any] | None = None) -> dict[str, float]:
   """Host-side metrics about thinking, for logging: ``frac_thinking`` (fraction with a closed
   ``<thinking>...</thinking>`` block, any position), ``frac_well_formed`` (fraction scoring 1 under
   ``format_reward``), ``mean_thinking_chars`` / ``mean_thinking_words`` (length of the text between
   the first opening and the last closing tag, over the completions that think; 0.0 if none), and
-  ``mean_completion_chars`` / ``mean_completion_words`` over all completions."""
+  ``mean_completion_chars`` / ``mean_completion_words`` over all completions. With gold `answers`
+  (None entries skipped), ``accuracy_thinking`` / ``accuracy_direct``: the math verifier's accuracy
+  of the completions with / without a closed thinking block (NaN when there are none)."""
   n = len(completions)
   think_chars, think_words, well_formed = [], [], 0
   for c in completions:
@@ -68,7 +78,16 @@ def thinking_stats(completions: Sequence[str], *, open_tag_in_prompt: bool = Fal
       think_chars.append(len(body))
       think_words.append(len(body.split()))
     well_formed += is_well_formed(c, open_tag_in_prompt=open_tag_in_prompt)
-  return {
+  out = {}
+  if answers is not None and any(a is not None for a in answers):
+    from rlhfjax.rewards.math import math_reward
+    keep = [i for i, a in enumerate(answers) if a is not None]
+    correct = math_reward([completions[i] for i in keep], [answers[i] for i in keep])
+    thinks = np.array([_thinks(OPEN_TAG + completions[i] if open_tag_in_prompt else completions[i])
+                       for i in keep])
+    for name, sel in (("accuracy_thinking", thinks), ("accuracy_direct", ~thinks)):
+      out[name] = float(correct[sel].mean()) if sel.any() else float("nan")
+  return out | {
       "frac_thinking": len(think_chars) / n if n else 0.0,
       "frac_well_formed": well_formed / n if n else 0.0,
       "mean_thinking_chars": float(np.mean(think_chars)) if think_chars else 0.0,
@@ -76,3 +95,8 @@ def thinking_stats(completions: Sequence[str], *, open_tag_in_prompt: bool = Fal
       "mean_completion_chars": float(np.mean([len(c) for c in completions])) if n else 0.0,
       "mean_completion_words": float(np.mean([len(c.split()) for c in completions])) if n else 0.0,
   }
+
+
+def _thinks(text: str) -> bool:
+  start, end = text.find(OPEN_TAG), text.rfind(CLOSE_TAG)
+  return start != -1 and end > start
