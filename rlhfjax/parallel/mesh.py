@@ -78,11 +78,14 @@ def data_parallel_size(mesh: Mesh, rules: Rules = ax.DEFAULT_RULES) -> int:
 
 
 def shard_batch(batch, mesh: Mesh, rules: Rules = ax.DEFAULT_RULES):
-  """Place a host batch (dict of arrays, leading dim = batch) on the mesh."""
+  """One global array per leaf (leading dim = batch) from this process's `b` rows: process `i` of
+  `n` gives rows `i*b:(i+1)*b` of the `n*b`-row batch (the batch axes span the processes in device
+  order, as `create_mesh` lays them out). One process: the whole batch, as `device_put`."""
   dp = data_parallel_size(mesh, rules)
   def put(x):
     x = np.asarray(x)
-    if x.shape[0] % dp:
-      raise ValueError(f"batch of {x.shape[0]} is not divisible by the data-parallel size {dp}")
-    return jax.device_put(x, batch_sharding(mesh, x.ndim, rules))
+    if x.shape[0] * jax.process_count() % dp:
+      raise ValueError(f"batch of {x.shape[0] * jax.process_count()} is not divisible by the "
+                       f"data-parallel size {dp}")
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
   return jax.tree.map(put, batch)
