@@ -1,4 +1,5 @@
 """Code sandbox: correct/partial/broken code, and each attack contained with reward 0."""
+import json
 import os
 import socket
 import threading
@@ -119,7 +120,10 @@ def test_cannot_write_outside_its_directory(tmp_path):
       "open('scratch.txt', 'w').write('inside is fine')\n"
       "def add(a, b): return a + b\n"
   )
-  r = run_code_tests(code, ["assert open('scratch.txt').read() == 'inside is fine'", "assert wrote, wrote"])
+  # Inside the minimal root /tmp is a private tmpfs (writes there are fine); the host paths must stay
+  # untouched, and nothing outside the writable tmpfs may be created.
+  r = run_code_tests(code, ["assert open('scratch.txt').read() == 'inside is fine'",
+                            f"assert set(wrote) - {{{target_dir + '/pwned'!r}, {str(tmp_path / 'pwned')!r}}}, wrote"])
   assert (r.passed, r.status) == (1, "failed"), r
   for path in (target_dir, repo_file, tmp_path / "pwned"):
     assert not os.path.exists(path)
@@ -251,3 +255,36 @@ def test_disk_filling_is_capped():
   )
   r = run_code_tests(code, ["assert written < (64 << 20), written"], disk_mb=16, max_file_bytes=4 << 20)
   assert r.status == "ok", r
+
+
+def test_codec_round_trips_exact_types_only():
+  from rlhfjax.rewards import _sandbox_codec as codec
+  value = {"a": [1, 2.5, None, True, b"\x00x", "é"], (1, "t"): {3, 4}, 5: (), "nan": float("inf")}
+  assert codec.decode(json.loads(json.dumps(codec.encode(value)))) == value
+  for bad in (type("I", (int,), {})(1), [type("S", (str,), {})("x")], object(), {1: frozenset()}, iter([])):
+    with pytest.raises(TypeError):
+      codec.encode(bad)
+  for bad in ({"a": 1}, ["x", 1], ["s", ["l"]], ["r", "f"], ["b", 1]):
+    with pytest.raises((ValueError, TypeError)):
+      codec.decode(bad)
+
+
+def test_split_plan():
+  from rlhfjax.rewards._sandbox_split import plan
+  assert plan("assert abs(f(1) - 2) < 1e-6 and sorted(g(x=[1])) == [1]", set())[1] == {"f", "g"}
+  assert plan("def check(c):\n  assert c(1) == 2\ncheck(solve)", set())[1] == {"solve"}
+  assert plan("y = f(1)", set())[1] == {"f"} and plan("assert y == 2", {"y"})[1] == set()
+  assert plan("assert math.isclose(f(1), 2.0)", set())[1:] == ({"f"}, {"math"})
+  for unsplittable in ("assert flag", "assert obj.m() == 1", "assert open('x').read()", "import os",
+                       "assert f(*xs)", "exec('f(1)')", "assert f(1 +)"):
+    assert plan(unsplittable, set()) is None, unsplittable
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the minimal root needs root")
+def test_fallback_without_minimal_root(monkeypatch):
+  src = sandbox._read_child_source().replace("          _build_root(_workdir, _uid)\n", "          raise OSError\n")
+  monkeypatch.setattr(sandbox, "_read_child_source", lambda: src)
+  code = "import os\ndef f(x): return 2 * x\ndef write(path): open(path, 'w').write('x')\n"
+  r = run_code_tests(code, ["assert f(2) == 4", "write('/etc/rlhfjax-pwned')", "write('scratch')", "assert f(2) == 5"])
+  assert (r.passed, r.status) == (2, "failed") and "root" not in r.layers and "rofs" in r.layers, r
+  assert not os.path.exists("/etc/rlhfjax-pwned")

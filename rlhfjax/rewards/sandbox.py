@@ -1,59 +1,90 @@
 """Runs untrusted, model-written Python against unit tests in a separate, locked-down process.
 
-Process-level isolation (kernel namespaces, resource limits), good enough to score RL rollouts
-that may (accidentally or by reward hacking) write infinite loops, memory/fork bombs, gigabytes of
-output, or code that pokes at the host. NOT a VM, nor a boundary against a kernel exploit (e.g. a
-malicious ``ctypes`` payload) or side channels: run it on machines you can afford to lose if you
+Process-level isolation (kernel namespaces, cgroup, seccomp, resource limits), good enough to score
+RL rollouts that may (accidentally or by reward hacking) write infinite loops, memory/fork bombs,
+gigabytes of output, code that pokes at the host, or code that games the tests. NOT a VM, nor a
+boundary against a kernel exploit or side channels: run it on machines you can afford to lose if you
 face adversarial code.
+
+Comparisons outside the sandbox. The solution runs in a child; each test is parsed here
+(``_sandbox_split``) and, when it only calls into the solution (``assert f(3) == 9``,
+``check(candidate)``), runs here: each call goes to the child as a request under a call index we
+assign, and its result comes back through an exact-type codec (``_sandbox_codec``: int, float, str,
+bool, None, bytes and lists/tuples/sets/dicts of those; subclasses and any other object fail the
+test). ``==``, ``len``, ``sorted``, ``isinstance``, ``abs``... then see only plain values, with the
+parent's builtins; the test text and its expected values never enter the sandbox, and pass/fail is
+decided here. So always-equal objects, rigged subclasses, protocol objects (``__len__``,
+``__index__``, ``__bool__``...), frame/``gc`` introspection, patched builtins or ``json``,
+``settrace`` hooks and forged result records can at most choose the values a call returns. Tests
+that cannot be split (they use ``open``/``exec``, touch solution attributes, ...) run inside the
+child as before; ``CodeResult.unsplit`` flags them: those remain forgeable from inside (nonce
+introspection, always-equal objects).
 
 Each ``run_code_tests`` call starts ``python -I -S -B -c <_sandbox_child.py>`` (isolated mode: no
 site-packages, so the code sees only the stdlib; no user site; PYTHON* env vars ignored) with an
-empty environment except ``PATH``/``LC_ALL``, in a new session, with stdin closed.
+empty environment except ``PATH``/``LC_ALL``, in a new session. Requests go on its stdin (never
+argv/env/files), replies come back as ``<nonce> <json>`` lines on an inherited pipe fd separate from
+stdout/stderr, each exactly once and in order: lines without the nonce are output, a record for a
+call not yet asked or a malformed one makes the run "crashed", and so does an early exit.
 
 As root (the usual RL box / container), enforced by the kernel:
+  * cgroup: the whole run (every process, its tmpfs) shares one memory budget, ``memory_mb +
+    disk_mb + 16`` MiB, and ``max_procs + 2`` tasks (v1 ``memory.limit_in_bytes`` + ``pids.max``,
+    else v2 ``memory.max``/``pids.max``; an OOM kill -> "memory"). Fallback where no cgroup is
+    writable (layer "cgroup" absent): per-process ``RLIMIT_AS`` and ``RLIMIT_NPROC`` only, so forks
+    can multiply memory up to ``max_procs * memory_mb``.
   * uid: a fresh uid from a private range (not 0, no groups, ``no_new_privs``), unique per
     concurrent call, so the code cannot signal, ptrace or read ``/proc/<pid>/environ`` of (or
     kill) its parent.
-  * pid namespace: the code is pid 1 with a fresh ``/proc`` (host processes invisible); when it
+  * pid namespace: the code is pid 1 with its own ``/proc`` (host processes invisible); when it
     exits or is killed the kernel kills everything it forked, ``setsid`` or not. A root launcher
     outside relays its status; ``PR_SET_PDEATHSIG`` kills the namespace if the launcher dies.
   * ``RLIMIT_NPROC`` (default 32 tasks, counted per uid -- hence a uid per call; root ignores
     NPROC): fork bombs stall.
-  * network namespace: only a down loopback; ``connect`` to anything, 127.0.0.1 included, fails
-    with "network unreachable". Also ipc and uts namespaces.
-  * mount namespace: every mount re-mounted read-only (per-mount flags of the private copy; the
-    host is unaffected); the only writable place is a size-capped tmpfs (``disk_mb``) at the
-    sandbox directory (cwd, ``HOME``, ``TMPDIR``), gone with the namespace. The interpreter's
-    stdlib is bind-mounted read-only inside it.
+  * network namespace: only a down loopback; ``connect`` to anything, 127.0.0.1 and abstract Unix
+    sockets included, fails. Also ipc and uts namespaces.
+  * minimal root (``pivot_root``, layer "root"): a size-capped tmpfs (``disk_mb``) holding only the
+    stdlib, system libraries and ``ld.so.cache`` read-only, ``/dev/{null,zero,random,urandom}``, its
+    own ``/proc``, and the writable ``/sandbox`` (cwd, ``HOME``, ``TMPDIR``) and ``/tmp``; no host file
+    or path-based Unix socket is visible. Fallback: the host tree, every mount re-mounted read-only
+    in the private mount namespace, with the tmpfs at the sandbox directory.
+  * seccomp (after ``no_new_privs``; x86_64/aarch64): ``unshare``/``setns``/``clone`` with any
+    ``CLONE_NEW*`` flag, ``ptrace``, ``process_vm_*``, ``mount`` and the new mount API, ``pivot_root``,
+    ``chroot``, ``bpf``, ``io_uring_*``, ``userfaultfd``, ``perf_event_open``, ``keyctl``/``add_key``/
+    ``request_key``, ``open_by_handle_at``, module loading and ``kexec`` fail with EPERM (``clone3``:
+    ENOSYS, so libc falls back to ``clone``); another ABI's syscalls kill. Applied without root too.
 Always:
   * ``RLIMIT_AS`` = ``memory_mb`` (beyond it ``MemoryError`` -> "memory"), ``RLIMIT_CPU`` =
     ceil(``timeout_s``) + 1 s, ``RLIMIT_FSIZE`` (per file), ``RLIMIT_NOFILE``, no core files.
   * The parent enforces the wall-clock ``timeout_s`` (start-up included) by ``SIGKILL`` of the
-    process group (and, after a uid drop, of every process still owned by that uid).
-  * The parent reads at most ``max_output_bytes`` of stdout+stderr (and a bounded result
-    channel), killing the child beyond it ("output_limit"); its own memory stays bounded.
-Best effort (Python-level, bypassable with ``_socket``/``ctypes``/``_posixsubprocess``):
-  * ``socket.socket`` raises; without the pid namespace or uid drop (not root, or ``unshare``
-    refused) ``os.fork``/``os.system``/``subprocess`` raise too. Without root, ``RLIMIT_NPROC``
-    counts all the user's processes, files have only ordinary permissions and the network is not
-    isolated: protection against accidents, not against an adversary.
+    process group and of every process in the run's cgroup (without one: still owned by its uid).
+  * The parent reads at most ``max_output_bytes`` of stdout+stderr and per result record, killing
+    the child beyond it ("output_limit"); its own memory stays bounded.
+Best effort (Python-level, bypassable with ``_socket``/``ctypes``/``_posixsubprocess``), where the
+kernel layers are missing (not root, or ``unshare`` refused): ``socket.socket`` raises, and without
+the pid namespace or uid drop ``os.fork``/``os.system``/``subprocess`` raise too. Without root,
+``RLIMIT_NPROC`` counts all the user's processes, files have only ordinary permissions and the
+network is not isolated: protection against accidents, not against an adversary.
 
-Result channel: the parent sends a random nonce with the code on stdin (never argv/env/files); the
-harness reads it before running user code and reports each test as a ``<nonce> <json>`` line on an
-inherited pipe fd separate from stdout/stderr. Lines without the nonce are ignored, and results
-must arrive in order, exactly once, ending with a "done" record, else the run is "crashed": fake
-JSON, guessed lines or an early exit do not score. NOT defended: code that introspects the
-harness's frames (``sys._getframe``/``gc``) for the nonce, or games the tests themselves (an
-``__eq__`` that is always true) -- in-process tests cannot rule that out; watch for it in samples.
+NOT defended: a solution that reads the expected answer from its own inputs or is otherwise right
+for the wrong reasons (tests that pass a reference answer as an argument, a helper in the prompt the
+solution rewrites, ...); in-place mutation of arguments is not seen by split tests (they get a copy).
+Tests themselves are trusted (they come with the data set): split ones run in this process with a
+reduced set of builtins, which is no boundary against a malicious test, and with no time limit of
+their own between calls.
 """
 from __future__ import annotations
 
+import builtins
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import importlib
 import json
 import logging
+import marshal
 import math
 import os
 import random
@@ -71,10 +102,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlhfjax.rewards import _sandbox_codec as _codec
+from rlhfjax.rewards import _sandbox_split as _split
+
 
 STATUSES = ("ok", "failed", "timeout", "memory", "crashed", "syntax_error", "output_limit")
 
-_CHILD_SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _NOBODY = 65534
 # Candidate private uid ranges (start, size); the first one inside this user namespace's uid_map
 # is used. Falls back to nobody (shared NPROC accounting) if none fits.
@@ -89,7 +123,8 @@ class CodeResult:
   ``status`` one of ``STATUSES`` ("ok" = all passed); the first bytes of the child's ``stdout`` and
   ``stderr`` (decoded, for debugging); ``error`` a short reason (first failing exception, setup
   error, ...); ``wall_s`` wall-clock seconds; ``layers`` the isolation layers that were active
-  (e.g. ``("netns", "mountns", "pidns", "rofs", "uid")``)."""
+  (e.g. ``("cgroup", "netns", "mountns", "pidns", "rofs", "root", "uid", "seccomp")``); ``unsplit`` the
+  indices of tests that could not be split and ran inside the sandbox (forgeable from inside)."""
 
   passed: int
   total: int
@@ -99,6 +134,7 @@ class CodeResult:
   error: str = ""
   wall_s: float = 0.0
   layers: tuple[str, ...] = ()
+  unsplit: tuple[int, ...] = ()
 
   @property
   def fraction(self) -> float:
@@ -108,8 +144,8 @@ class CodeResult:
 
 @functools.lru_cache(maxsize=None)
 def _read_child_source() -> str:
-  with open(_CHILD_SOURCE_PATH) as f:
-    return f.read()
+  with open(os.path.join(_HERE, "_sandbox_codec.py")) as codec, open(os.path.join(_HERE, "_sandbox_child.py")) as child:
+    return codec.read() + "\n" + child.read()
 
 
 def _uid_range() -> tuple[int, int] | None:
@@ -192,6 +228,84 @@ def _kill_uid(uid: int | None) -> None:
     time.sleep(0.01)
 
 
+def _kill_run(uid: int | None, cgroups: Sequence[str], spare: int | None = None) -> None:
+  """SIGKILLs the run's processes (but ``spare``): those in its cgroup, else those of its uid."""
+  if not cgroups:
+    return _kill_uid(uid)
+  for _ in range(50):
+    pids = []
+    with contextlib.suppress(OSError), open(f"{cgroups[-1]}/cgroup.procs") as f:
+      pids = [int(x) for x in f.read().split() if int(x) != spare]
+    if not pids:
+      return
+    for pid in pids:
+      with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.002)
+
+
+def _own_cgroup(controller: str) -> str | None:
+  """This process's cgroup path in the v1 hierarchy of ``controller`` ("" = the v2 tree)."""
+  with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+    for line in f:
+      _, names, path = line.rstrip("\n").split(":", 2)
+      if (controller in names.split(",")) if controller else not names:
+        return path.rstrip("/")
+  return None
+
+
+def _make_cgroups(memory_bytes: int, tasks: int) -> list[str]:
+  """Creates this run's cgroup(s) below our own, holding the whole run to ``memory_bytes`` and
+  ``tasks``: v1 ``memory`` + ``pids`` controllers, else v2; [] where neither is writable."""
+  name = "rlhfjax-sbx-" + secrets.token_hex(8)
+  mem, pids, unified = _own_cgroup("memory"), _own_cgroup("pids"), _own_cgroup("")
+  options = []
+  if mem is not None and pids is not None:
+    options.append([(f"/sys/fs/cgroup/memory{mem}/{name}", (("memory.limit_in_bytes", memory_bytes),
+                                                             ("memory.memsw.limit_in_bytes", memory_bytes))),
+                    (f"/sys/fs/cgroup/pids{pids}/{name}", (("pids.max", tasks),))])
+  if unified is not None:
+    options.append([(f"/sys/fs/cgroup{unified}/{name}", (("memory.max", memory_bytes), ("memory.swap.max", 0),
+                                                         ("pids.max", tasks)))])
+  for dirs in options:
+    made = []
+    try:
+      for d, limits in dirs:
+        if not os.path.exists(f"{os.path.dirname(d)}/cgroup.procs"):
+          raise FileNotFoundError(d)  # not a cgroup hierarchy
+        os.mkdir(d)
+        made.append(d)
+        for key, value in limits:
+          if key not in ("memory.memsw.limit_in_bytes", "memory.swap.max") or os.path.exists(f"{d}/{key}"):
+            with open(f"{d}/{key}", "r+") as f:  # r+: never create a plain file
+              f.write(str(value))
+      return made
+    except OSError:
+      _remove_cgroups(made)
+  return []
+
+
+def _remove_cgroups(dirs: Sequence[str]) -> None:
+  for d in dirs:
+    for _ in range(100):  # EBUSY until the last task of the run is reaped
+      try:
+        os.rmdir(d)
+        break
+      except FileNotFoundError:
+        break
+      except OSError:
+        time.sleep(0.01)
+
+
+def _oom_killed(dirs: Sequence[str]) -> bool:
+  for d in dirs:
+    for name in ("memory.oom_control", "memory.events"):
+      with contextlib.suppress(OSError), open(f"{d}/{name}") as f:
+        if any(line.split()[:1] == ["oom_kill"] and int(line.split()[1]) > 0 for line in f):
+          return True
+  return False
+
+
 def run_code_tests(
     code: str,
     tests: Sequence[str],
@@ -204,17 +318,23 @@ def run_code_tests(
     max_file_bytes: int = 8 << 20,
     max_open_files: int = 64,
 ) -> CodeResult:
-  """Executes ``code`` and then each test (a Python snippet, usually one ``assert``) in a sandbox.
+  """Executes ``code`` in a sandbox, then each test (a Python snippet, usually one ``assert``).
+
+  Tests that ``_sandbox_split.plan`` can split run in this process, their calls into the solution
+  in the sandbox; the others run inside it, in the solution's namespace (``CodeResult.unsplit``).
 
   Args:
     code: the solution source (module level; its ``__name__`` is ``"solution"``, so an
       ``if __name__ == "__main__":`` block does not run).
-    tests: snippets run in order in the solution's namespace; each passes if it raises nothing.
+    tests: snippets run in order; each passes if it raises nothing. Names they assign stay
+      visible to later tests run on the same side.
     timeout_s: wall-clock limit for the whole run, interpreter start-up included.
-    memory_mb: address-space limit (``RLIMIT_AS``) of each sandboxed process.
-    max_output_bytes: stdout+stderr bytes read before the run is killed ("output_limit").
-    max_procs: ``RLIMIT_NPROC`` (tasks of the sandbox uid, threads included).
-    disk_mb: size of the writable tmpfs working directory (root only).
+    memory_mb: address-space limit (``RLIMIT_AS``) of each sandboxed process; as root the whole
+      run (all its processes and its tmpfs) is also held to ``memory_mb + disk_mb`` (+16) MiB.
+    max_output_bytes: stdout+stderr bytes read before the run is killed ("output_limit"); also the
+      largest single result record.
+    max_procs: ``RLIMIT_NPROC`` (tasks of the sandbox uid, threads included) and ``pids.max``.
+    disk_mb: size of the writable tmpfs root (root only).
     max_file_bytes, max_open_files: ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``.
 
   Returns a ``CodeResult``; never raises for anything the code does.
@@ -225,14 +345,15 @@ def run_code_tests(
   uid = _acquire_uid()
   workdir = tempfile.mkdtemp(prefix="rlhfjax-sbx-")
   os.chmod(workdir, 0o755)
+  cgroups = _make_cgroups((memory_mb + disk_mb + 16) << 20, max_procs + 2) if uid is not None else []
   if uid is not None:
     os.chown(workdir, uid, uid)  # used as-is only if the mount namespace is unavailable
   result_r, result_w = os.pipe()
   config = {
-      "nonce": nonce, "code": code, "tests": tests, "uid": uid, "workdir": workdir, "disk_mb": disk_mb,
+      "nonce": nonce, "code": code, "uid": uid, "workdir": workdir, "disk_mb": disk_mb, "result_fd": result_w,
       "limits": {"cpu_s": int(math.ceil(timeout_s)) + 1, "as_bytes": int(memory_mb) << 20,
                  "fsize_bytes": int(max_file_bytes), "nofile": int(max_open_files), "nproc": int(max_procs)},
-      "result_fd": result_w,
+      "cgroups": [f"{d}/cgroup.procs" for d in cgroups],
   }
   start = time.monotonic()
   proc = None
@@ -245,7 +366,21 @@ def run_code_tests(
           start_new_session=True, close_fds=True)
     finally:
       os.close(result_w)
-    return _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes, uid)
+    channel = _Channel(proc, result_r, nonce, start + timeout_s, max_output_bytes)
+    channel.send(config)
+    outcome = _drive(channel, tests)
+    with contextlib.suppress(OSError):
+      proc.stdin.close()  # the child exits at end of input
+    # Kill the sandboxed processes first, so the launcher reaps its child and exits on its own
+    # (killing the launcher first would leave the namespace's init for the host's pid 1 to reap).
+    _kill_run(uid, cgroups, spare=proc.pid)
+    try:
+      returncode = proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+      _kill_group(proc)
+      returncode = proc.wait()
+    _kill_run(uid, cgroups)
+    return _result(channel, outcome, total, returncode, time.monotonic() - start, _oom_killed(cgroups))
   finally:
     if proc is not None:
       if proc.returncode is None:  # not reaped yet, so its pgid cannot have been reused
@@ -256,8 +391,9 @@ def run_code_tests(
           f.close()
     with contextlib.suppress(OSError):
       os.close(result_r)
-    _kill_uid(uid)
+    _kill_run(uid, cgroups)
     _release_uid(uid)
+    _remove_cgroups(cgroups)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -279,31 +415,72 @@ def _exited(proc: subprocess.Popen) -> bool:
 _STREAM_KEEP = 8 << 10  # bytes of stdout/stderr kept for the CodeResult
 
 
-def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes, uid) -> CodeResult:
-  with contextlib.suppress(OSError):  # BrokenPipeError included
-    proc.stdin.write(json.dumps(config).encode("utf-8"))
-    proc.stdin.close()
-  nonce = config["nonce"]
-  deadline = start + timeout_s
-  max_result_bytes = (64 << 10) + 1024 * total
-  sel = selectors.DefaultSelector()
-  bufs = {"out": bytearray(), "err": bytearray(), "res": bytearray()}
-  os.set_blocking(result_r, False)
-  for f, name in ((proc.stdout, "out"), (proc.stderr, "err"), (result_r, "res")):
-    sel.register(f, selectors.EVENT_READ, name)
-  output_bytes = 0
-  limit_hit = timed_out = False
-  exit_seen_at = None
-  while sel.get_map():
+class _Abort(BaseException):
+  """The run ended (timeout, output limit, exit, tampering): unwinds a test running here."""
+
+
+class _Channel:
+  """The parent's end of one run: JSON requests to the child's stdin, ``<nonce> <json>`` records
+  from the result pipe (other lines count as output), stdout/stderr drained and capped, every wait
+  bounded by the deadline. ``failure``: None, "timeout", "output_limit", "exited" or "tamper"."""
+
+  def __init__(self, proc, result_r, nonce, deadline, max_output_bytes):
+    self.proc, self.prefix, self.deadline, self.max_output = proc, nonce.encode() + b" ", deadline, max_output_bytes
+    self.bufs = {"out": bytearray(), "err": bytearray(), "junk": bytearray()}
+    self.res, self.outbox, self.events = bytearray(), bytearray(), collections.deque()
+    self.output_bytes, self.k, self.memory, self.exit_seen_at = 0, 0, False, None
+    self.failure, self.error, self.layers = None, "", ()
+    self.sel = selectors.DefaultSelector()
+    for fd, name in ((proc.stdout.fileno(), "out"), (proc.stderr.fileno(), "err"), (result_r, "res")):
+      os.set_blocking(fd, False)
+      self.sel.register(fd, selectors.EVENT_READ, name)
+    os.set_blocking(proc.stdin.fileno(), False)
+
+  def send(self, obj) -> None:
+    data = marshal.dumps(obj)
+    self.outbox += len(data).to_bytes(4, "little") + data
+
+  def recv(self) -> dict | None:
+    """The next record, or None once the run has ended."""
+    while not self.events and self.failure is None:
+      self._pump()
+    return self.events.popleft() if self.events and self.failure in (None, "exited") else None
+
+  def call(self, request: dict) -> dict:
+    """Sends ``request`` under the next call index and a fresh token; the child's reply to exactly it."""
+    if self.events:  # records before their request (e.g. forged for later calls)
+      self.failure, self.error = "tamper", "result record before its request"
+      raise _Abort
+    k, self.k, token = self.k, self.k + 1, secrets.token_hex(8)  # token: no reply before its request
+    self.send({**request, "k": k, "t": token})
+    event = self.recv()
+    if event is None:
+      raise _Abort
+    if event.get("event") != "reply" or event.get("k") != k or event.get("t") != token:
+      self.failure, self.error = "tamper", "unexpected result record"
+      raise _Abort
+    self.memory |= bool(event.get("memory"))
+    return event
+
+  def _pump(self) -> None:
     now = time.monotonic()
-    if now >= deadline:
-      timed_out = True
-      break
-    if exit_seen_at is None and _exited(proc):
-      exit_seen_at = now
-    if exit_seen_at is not None and now - exit_seen_at > 0.5:
-      break  # leader gone but something still holds the pipes (no pid namespace): stop reading
-    for key, _ in sel.select(timeout=min(0.05, max(deadline - now, 0.0))):
+    if now >= self.deadline:
+      self.failure = "timeout"
+      return
+    if self.exit_seen_at is None and _exited(self.proc):
+      self.exit_seen_at = now
+    if len(self.sel.get_map()) < 3 or self.exit_seen_at is not None and now - self.exit_seen_at > 0.5:
+      self.failure = "exited"  # result pipe closed, or leader gone and something holds the pipes
+      return
+    if self.outbox:
+      try:
+        del self.outbox[:os.write(self.proc.stdin.fileno(), self.outbox)]
+      except BlockingIOError:
+        pass
+      except OSError:  # the child stopped reading: it is gone or going
+        self.outbox.clear()
+    wait = 0.002 if self.outbox else 0.05  # the pipe to the child was full: retry soon
+    for key, _ in self.sel.select(timeout=min(wait, max(self.deadline - now, 0.0))):
       try:
         chunk = os.read(key.fd, 65536)
       except BlockingIOError:
@@ -311,110 +488,131 @@ def _supervise(proc, config, result_r, total, start, timeout_s, max_output_bytes
       except OSError:
         chunk = b""
       if not chunk:
-        sel.unregister(key.fileobj)
-        continue
-      name = key.data
-      if name == "res":
-        bufs["res"] += chunk
-        limit_hit |= len(bufs["res"]) > max_result_bytes
+        self.sel.unregister(key.fd)
+      elif key.data == "res":
+        self.res += chunk
+        *lines, rest = self.res.split(b"\n")
+        self.res = bytearray(rest)
+        for line in lines:
+          if not line.startswith(self.prefix):
+            self._output("junk", line + b"\n")
+            continue
+          try:
+            self.events.append(dict(json.loads(line[len(self.prefix):])))
+          except (ValueError, TypeError, RecursionError):
+            self.events.append({"event": "malformed"})
+        if len(self.res) > max(self.max_output, 1 << 16):
+          self.failure = "output_limit"
       else:
-        output_bytes += len(chunk)
-        keep = _STREAM_KEEP - len(bufs[name])
-        if keep > 0:
-          bufs[name] += chunk[:keep]
-        limit_hit |= output_bytes > max_output_bytes
-    if limit_hit:
-      break
-  sel.close()
-  # Kill the sandboxed processes first, so the launcher reaps its child and exits on its own
-  # (killing the launcher first would leave the namespace's init for the host's pid 1 to reap).
-  _kill_uid(uid)
+        self._output(key.data, chunk)
+
+  def _output(self, name, chunk) -> None:
+    self.output_bytes += len(chunk)
+    self.bufs[name] += chunk[:max(_STREAM_KEEP - len(self.bufs[name]), 0)]
+    if self.output_bytes > self.max_output:
+      self.failure = "output_limit"
+
+
+def _short(exc: BaseException) -> str:
+  return (type(exc).__name__ + ": " + str(exc))[:300]
+
+
+def _raised(event: dict) -> Exception:
+  """The exception a sandboxed call raised, as a builtin exception (RuntimeError if none fits)."""
+  cls, msg = getattr(builtins, str(event.get("raised")), None), str(event.get("error", "")).split(": ", 1)[-1]
   try:
-    returncode = proc.wait(timeout=1.0)
-  except subprocess.TimeoutExpired:
-    _kill_group(proc)
-    returncode = proc.wait()
-  _kill_uid(uid)
-  wall_s = time.monotonic() - start
-  stdout = bufs["out"].decode("utf-8", "replace")
-  stderr = bufs["err"].decode("utf-8", "replace")
+    return cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(msg)
+  except Exception:  # pylint: disable=broad-except
+    return RuntimeError(msg)
 
-  # Parse the authenticated result stream.
-  passed, memory, done, layers, error = 0, False, False, (), ""
-  terminal = None  # syntax_error / solution_error / setup_error / tamper
-  expected = 0
-  prefix = nonce + " "
-  for raw in bytes(bufs["res"]).split(b"\n"):
-    line = raw.decode("utf-8", "replace")
-    if not line.startswith(prefix):
-      continue
-    if done or terminal:
-      terminal, error = "tamper", "result records after the end of the run"
-      break
+
+def _drive(channel: _Channel, tests: list[str]) -> tuple[int, str | None, str, tuple[int, ...]]:
+  """Runs the tests over the channel: ``(passed, terminal record or None, error, unsplit)``."""
+  event = channel.recv()
+  if event and event.get("event") == "start":
+    channel.layers = tuple(str(x) for x in event.get("layers", ()))
+    event = channel.recv()
+  kind = event and event.get("event")
+  if kind != "ready":
+    error = str(event.get("error", ""))[:300] if event else ""
+    channel.memory |= bool(event and event.get("memory"))
+    return 0, (kind if kind in ("syntax_error", "solution_error", "setup_error") else "tamper" if kind else None), \
+        error, ()
+
+  def call_solution(name, args, kwargs):
+    ref = lambda x: x.name if type(x) is _split.SolutionCall else None
     try:
-      event = json.loads(line[len(prefix):])
-      kind = event["event"]
-    except (ValueError, KeyError, TypeError):
-      terminal, error = "tamper", "malformed result record"
-      break
-    if kind == "start":
-      layers = tuple(event.get("layers", ()))
-    elif kind == "test":
-      if event.get("i") != expected:
-        terminal, error = "tamper", "out-of-order test record"
-        break
-      expected += 1
-      passed += bool(event.get("ok"))
-      if event.get("error") and not error:
-        error = str(event["error"])
-    elif kind == "done":
-      if expected != total:
-        terminal, error = "tamper", "done before all tests reported"
-        break
-      done, memory = True, memory or bool(event.get("memory"))
-    elif kind in ("syntax_error", "solution_error", "setup_error"):
-      terminal, error = kind, str(event.get("error", ""))
-      memory = memory or bool(event.get("memory"))
-    else:
-      terminal, error = "tamper", f"unknown record {kind!r}"
-      break
+      request = {"f": name, "a": _codec.encode(list(args), ref), "kw": _codec.encode(kwargs, ref)}
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"argument of {name}() is not plain data: {e}") from None
+    event = channel.call(request)
+    if "raised" in event:
+      raise _raised(event)
+    try:
+      return _codec.decode(event.get("value"))
+    except (ValueError, TypeError, RecursionError) as e:
+      raise TypeError(f"{name}() returned {e}") from None
 
-  def result(status, n_passed=0):
-    if status == "crashed" and terminal == "setup_error":
-      logging.warning("code sandbox set-up failed: %s", error)
-    return CodeResult(n_passed, total, status, stdout, stderr, error, wall_s, layers)
+  env = {"__builtins__": _split.PARENT_BUILTINS}
+  passed, error, unsplit = 0, "", []
+  for i, test in enumerate(tests):
+    plan = _split.plan(test, {k for k, v in env.items() if type(v) is not _split.SolutionCall}, f"<test {i}>")
+    failure = None
+    try:
+      if plan is None:
+        unsplit.append(i)
+        event = channel.call({"src": test})
+        failure = None if event.get("ok") is True else str(event.get("error"))[:300]
+      else:
+        env.update({name: _split.SolutionCall(call_solution, name) for name in plan[1]})
+        env.update({name: importlib.import_module(name) for name in plan[2]})
+        exec(plan[0], env)  # pylint: disable=exec-used
+    except _Abort:
+      break
+    except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+      failure = _short(e)
+    if channel.failure:  # a test that swallowed _Abort
+      break
+    passed += failure is None
+    error = error or failure or ""
+  return passed, None, error, tuple(unsplit)
 
-  if limit_hit:
-    return result("output_limit")
-  if timed_out:
-    return result("timeout")
-  if terminal == "syntax_error":
-    return result("syntax_error")
-  if terminal in ("tamper", "setup_error"):
-    return result("crashed")
-  if terminal == "solution_error":
-    return result("memory" if memory else "crashed")
-  if not done:
+
+def _result(channel: _Channel, outcome, total: int, returncode: int, wall_s: float, oom: bool) -> CodeResult:
+  passed, terminal, error, unsplit = outcome
+  stdout, stderr = (channel.bufs[k].decode("utf-8", "replace") for k in ("out", "err"))
+  failure, memory = channel.failure, channel.memory or oom
+  if terminal == "setup_error":
+    logging.warning("code sandbox set-up failed: %s", error)
+  if failure == "output_limit" or failure == "timeout":
+    status, passed = failure, 0
+  elif terminal == "syntax_error":
+    status = "syntax_error"
+  elif terminal in ("tamper", "setup_error") or failure == "tamper":
+    status, passed, error = "crashed", 0, error or channel.error
+  elif terminal == "solution_error":
+    status = "memory" if memory else "crashed"
+  elif failure == "exited":
     if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
       status, why = "timeout", "CPU time limit"
     else:
-      status, why = "crashed", f"exit status {returncode}"
+      status, why = "memory" if memory or "MemoryError" in stderr else "crashed", f"exit status {returncode}"
     error = error or why
-    return result("memory" if "MemoryError" in stderr else status, passed)
-  if memory:
-    return result("memory", passed)
-  return result("ok" if passed == total else "failed", passed)
+  else:
+    status = "memory" if memory else "ok" if passed == total else "failed"
+  return CodeResult(passed, total, status, stdout, stderr, error, wall_s, channel.layers, unsplit)
 
 
 class CodeSandboxPool:
   """Scores many (code, tests) pairs in parallel, one sandboxed process per pair.
 
-  Threads only wait on subprocesses, so ``max_workers`` bounds concurrent sandboxes (CPU load);
+  ``max_workers`` (default: the cores this process may run on) bounds concurrent sandboxes; the
+  threads mostly wait on them (split tests' comparisons run in the threads, under the GIL).
   ``run_kwargs`` (timeout_s, memory_mb, ...) are defaults for ``run_code_tests``.
   """
 
   def __init__(self, max_workers: int | None = None, **run_kwargs: Any):
-    self.max_workers = max_workers or os.cpu_count() or 1
+    self.max_workers = max_workers or len(os.sched_getaffinity(0))
     self.run_kwargs = run_kwargs
     self._executor = concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="sandbox")
 
