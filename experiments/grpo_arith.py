@@ -17,3 +17,9 @@ def get_config():
   c = exceed_teacher.get_config("grpo")
   c.rl.advantage_scale = "group"  # group std (GRPO); "none" = Dr. GRPO
   return c
+
+
+def get_sweep():
+  """`python -m rlhfjax.sweep --config=grpo_arith --root=DIR`: RL learning rate x seed."""
+  from rlhfjax.sweep import product
+  return product({"rl_optim.learning_rate": [3e-5, 1e-4, 3e-4], "seed": [0, 1]})

@@ -50,12 +50,12 @@ def local_minibatch_grads(policy_params, value_params, kl_coef, mb: Experience, 
   pl = lambda p, m: policy_loss(p, m, kl_coef, algo=algo, models=models,  # noqa: E731
                                 temperature=temperature)
   pgrads, metrics = _accumulate(pl, policy_params, mb, n_micro, units, algo.aggregation)
-  pgrads = jax.tree.map(lambda g: jax.lax.psum(frac * g, axis), pgrads)
+  pgrads = jax.tree.map(lambda g: jax.lax.psum((frac * g).astype(g.dtype), axis), pgrads)
   vgrads = None
   if algo.separate_critic:
     vl = lambda p, m: critic_loss(p, m, algo=algo, models=models)  # noqa: E731
     vgrads, vmetrics = _accumulate(vl, value_params, mb, n_micro, units, algo.aggregation)
-    vgrads = jax.tree.map(lambda g: jax.lax.psum(frac * g, axis), vgrads)
+    vgrads = jax.tree.map(lambda g: jax.lax.psum((frac * g).astype(g.dtype), axis), vgrads)
     metrics.update(vmetrics)
   return pgrads, vgrads, _combine(metrics, frac, axis)
 
