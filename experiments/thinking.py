@@ -12,8 +12,9 @@ thinking rate: spreading the computation over tokens earns more reward. The iter
 `think_frac_thinking`, `think_mean_thinking_words`, `think_accuracy_thinking` and
 `think_accuracy_direct` tell the story; `accuracy_greedy` and `greedy_think_frac_well_formed` at each eval.
 
-The control (`:length`) adds a per-word cost (`length` reward, 0.04 per word: a scratchpad costs
-about a full answer's reward), so thinking costs more than it earns and the thinking rate falls.
+The control (`:length`) adds a per-word cost (`length` reward, 0.2 per word: the scratchpad's five
+extra words cost 1.0, more than the accuracy thinking gains), so thinking costs more than it earns
+and the thinking rate falls.
 Both runs share the SFT stage bit for bit (same seed, same data): copy a finished workdir, delete
 `checkpoints/rl`, and run the other variant on the copy.
 """
@@ -62,7 +63,7 @@ def get_config(variant: str = "correctness"):
   c.rl_optim.warmup_steps = 2
   c.rl.kl_coef = 0.01
   c.rl_sampling.temperature = 1.0
-  c.rl_reward = "math:1.0" if variant == "correctness" else "math:1.0,length:0.04"
+  c.rl_reward = "math:1.0" if variant == "correctness" else "math:1.0,length:0.2"
   c.rl_loop.eval_every = 10
   c.rl_loop.eval_examples = 256
   c.rl_loop.eval_samples = 4

@@ -13,6 +13,8 @@ are plain arrays.
 Crash safety: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when
 complete (atomic on POSIX; GCS uses a commit marker). A save killed midway leaves only the tmp
 directory, which is ignored (and deleted on start-up), so ``latest_step`` is always complete.
+A step damaged later (a truncated file, a disk error) is what ``restore_latest_good`` falls back
+from: it restores the newest step that restores and moves the newer broken ones aside.
 
 Async saves: ``save`` returns once device arrays are copied to host memory (so the state may be
 donated/deleted in the next jitted step) and writes on a background thread. Call ``wait()`` (or
@@ -21,12 +23,14 @@ process; a later ``save`` waits for the previous one.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 _STATE = "state"
 _META = "meta"
@@ -154,7 +158,7 @@ class Checkpointer:
     ``abstract_state``: pytree matching the saved state, of ``jax.ShapeDtypeStruct`` with
     ``.sharding`` (``jax.eval_shape(init)`` + shardings, or ``abstract_like``) or of concrete arrays
     (only their shape/dtype/sharding are used). Arrays are placed with those shardings, a leaf
-    without one on the first device; typed-key leaves come back as typed keys of the same impl.
+    without one replicated on all devices; typed-key leaves come back as typed keys of the same impl.
     """
     self.wait()
     self._manager.reload()  # pick up steps finished since (also by other processes)
@@ -167,7 +171,9 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
     step = int(step)
 
-    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # a leaf without a sharding: replicated on all devices (no one device is every process's)
+    default_sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)),
+                                                  jax.sharding.PartitionSpec())
     abstract = abstract_like(abstract_state)
     target = jax.tree.map(
         lambda x: _key_data_abstract(x, default_sharding) if _is_typed_key(x)
@@ -182,3 +188,32 @@ class Checkpointer:
         lambda x, a: jax.random.wrap_key_data(x, impl=a.dtype._impl) if _is_typed_key(a) else x,
         restored[_STATE], abstract)
     return state, dict(restored[_META] or {})
+
+  def restore_latest_good(self, abstract_state) -> tuple[int, Any, dict]:
+    """``(step, state, meta)`` of the newest step that restores. Each newer step that does not is
+    renamed ``<step>.corrupt`` (kept for inspection; later saves of that step then happen) with a
+    one-line warning. When no step restores nothing is renamed and the error is one line (a state
+    that no longer matches the checkpoints fails every step, not just one)."""
+    steps, errors = self.all_steps()[::-1], []
+    for step in steps:
+      try:
+        state, meta = self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
+        errors.append(e)
+        continue
+      for bad, e in zip(steps, errors):
+        logging.getLogger("rlhfjax").warning(
+            "checkpoint step %d in %s does not restore (%s); moved to %d.corrupt, resuming from step "
+            "%d", bad, self.directory, _one_line(e), bad, step)
+        path = epath.Path(self.directory) / str(bad)
+        path.rename(path.parent / f"{bad}.corrupt")
+      self._manager.reload()
+      return step, state, meta
+    if errors:
+      raise ValueError(f"no checkpoint in {self.directory} restores (step {steps[0]}: "
+                       f"{_one_line(errors[0])}); a changed model/optimizer config or damaged files")
+    raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+
+
+def _one_line(e: Exception, n: int = 200) -> str:
+  return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"

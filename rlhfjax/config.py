@@ -129,3 +129,30 @@ def check_moved_keys(config: ml_collections.ConfigDict) -> None:
     section, key = old.split(".")
     if section in config and hasattr(config[section], "keys") and key in config[section]:
       raise ValueError(f"config.{old} moved to config.{new}")
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+  """`--config=NAME` -> `--config=<path of experiments/NAME.py>` (`resolve_config_arg`); a key
+  that moved (`--config.rl.iterations`) is rewritten to its new place with a one-line note."""
+  out, notes = rewrite_moved_flags(list(argv))
+  for note in notes:
+    print(note, file=sys.stderr)
+  for i, a in enumerate(out):
+    for prefix in ("--config=", "-config="):
+      if a.startswith(prefix):
+        out[i] = prefix + resolve_config_arg(a[len(prefix):])
+    if a in ("--config", "-config") and i + 1 < len(out):
+      out[i + 1] = resolve_config_arg(out[i + 1])
+  return out
+
+
+def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
+  """The locked config `python -m rlhfjax.main --config=... --config.a.b=v ...` would run (`argv`: only
+  those flags), parsed by `config_flags` into a private FlagValues."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["rlhfjax", *resolve_argv(argv)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config

@@ -8,6 +8,11 @@
 `rlhfjax.experiments`; `NAME:ARG` passes ARG to its `get_config`) or the path of any file with a
 `get_config()`. `--config.a.b=v` overrides one field (a typo is an error naming the valid keys).
 Re-running on the same workdir resumes; a finished workdir just prints its summary again.
+
+Ctrl-C / SIGTERM: the current step finishes, a checkpoint is saved, one line names it and the
+command that resumes, and the exit code is 128 + the signal (130 / 143); a second signal stops at
+once. Bad input and a run stopped on purpose (failing rewards, non-finite updates) print one
+`error:` line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -15,17 +20,26 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import shlex
 import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhfjax.config import resolve_argv
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment name (e.g. exceed_teacher) or config file path (get_config())",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (re-running the same command resumes)")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process runs (rlhfjax.parallel.distributed.initialize): auto-detected on Cloud TPU VMs, GKE
+# and SLURM; these flags otherwise, the same on every process but --process_id.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "processes in the run (1: a single one, even in a cluster)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1")
 
 # TFDS warns about these on every load of our (deliberately custom, unregistered) builder config.
 _EXPECTED_WARNINGS = ("Using custom data configuration", "has no dataset_info.json")
@@ -45,8 +59,6 @@ def _quiet():
     handler.setFormatter(logging.Formatter("rlhfjax: %(message)s"))
     log.addHandler(handler)
     log.propagate = False  # a root handler installed by a dependency would print each line twice
-  import tensorflow_datasets as tfds
-  tfds.disable_progress_bar()
 
 
 def _title(config_path: str) -> str:
@@ -63,6 +75,8 @@ def _title(config_path: str) -> str:
 
 def main(argv):
   del argv
+  from rlhfjax.parallel.distributed import initialize
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any JAX computation
   _quiet()
   from rlhfjax.config import get_field
   from rlhfjax.summary import summary
@@ -76,30 +90,22 @@ def main(argv):
   print(summary(results, workdir, time.perf_counter() - t0, title=title), flush=True)
 
 
-def resolve_argv(argv: list[str]) -> list[str]:
-  """`--config=NAME` -> `--config=<path of experiments/NAME.py>` (see `rlhfjax.config.resolve_config_arg`);
-  a key that moved (`--config.rl.iterations`) is rewritten to its new place with a one-line note."""
-  from rlhfjax.config import resolve_config_arg, rewrite_moved_flags
-  out, notes = rewrite_moved_flags(list(argv))
-  for note in notes:
-    print(note, file=sys.stderr)
-  for i, a in enumerate(out):
-    for prefix in ("--config=", "-config="):
-      if a.startswith(prefix):
-        out[i] = prefix + resolve_config_arg(a[len(prefix):])
-    if a in ("--config", "-config") and i + 1 < len(out):
-      out[i + 1] = resolve_config_arg(out[i + 1])
-  return out
-
-
 def run():
   """Console-script entry point; bad input (config keys, experiment names) exits with one line instead
   of a traceback."""
+  from rlhfjax.train.stage import Interrupted, StopRun
+  resume = shlex.join(["python", "-m", "rlhfjax.main", *sys.argv[1:]])
   try:
     sys.argv = resolve_argv(sys.argv)  # config_flags reads the overrides from sys.argv itself
     app.run(main)
-  except (ValueError, KeyError, AttributeError, FileNotFoundError, FloatingPointError) as e:
-    msg = str(e.args[0] if e.args else e)
+  except Interrupted as e:
+    print(f"rlhfjax: {e}; resume: {resume}", file=sys.stderr)
+    sys.exit(e.code)
+  except KeyboardInterrupt:
+    print("rlhfjax: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, KeyError, AttributeError, OSError, FloatingPointError, StopRun) as e:
+    msg = str(e.args[0] if len(e.args) == 1 else e)
     if msg[:1] in "'\"":  # ml_collections hands us a repr'd message
       try:
         msg = ast.literal_eval(msg)

@@ -11,6 +11,7 @@ matplotlib and tensorboardX are imported lazily so ``import rlhfjax.metrics`` st
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,16 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 _RESERVED = ("stage", "step", "time")
 _MAX_PLOT_KEYS = 12
+
+
+def primary_only(fn):
+  """The write gate: in a multi-process run only process 0 writes (every process calls, the others
+  get None); on every writer of this module."""
+  @functools.wraps(fn)
+  def gated(*args, **kwargs):
+    import jax  # pylint: disable=import-outside-toplevel
+    return fn(*args, **kwargs) if jax.process_index() == 0 else None
+  return gated
 
 
 def _to_float(value) -> float:
@@ -65,10 +76,11 @@ def _jsonable(value):
 class MetricsWriter:
   """Appends scalar metrics to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
 
-  Appending (not truncating) means a resumed run continues the same files; readers get every line
-  including steps repeated after a resume from an older checkpoint.
+  Appending (not truncating) means a resumed run continues the same files; `rewind` first drops
+  what was written after the checkpoint it resumes from, so no step appears twice.
   """
 
+  @primary_only
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
@@ -81,6 +93,7 @@ class MetricsWriter:
       logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
       self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"), flush_secs=10)
 
+  @primary_only
   def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes one line ``{"stage", "step", "time", **metrics}`` and one TB scalar ``<stage>/<key>`` each.
 
@@ -101,6 +114,29 @@ class MetricsWriter:
       for k, v in values.items():
         self._tb.add_scalar(f"{stage}/{k}", v, global_step=step)
 
+  @primary_only
+  def rewind(self, stage: str, step: int, *, evals: bool = False) -> None:
+    """Drops the rows of `stage` and `stage_*` (its evals, ...) after `step` from both files —
+    what a run killed after its checkpoint at `step` wrote; with `evals`, the `stage_*` rows at
+    `step` too (a fresh or finished stage writes them again). Files are replaced atomically."""
+    def dead(r):
+      label, s = r.get("stage", ""), r.get("step", 0)
+      ours = label == stage or label.startswith(stage + "_")
+      return ours and (s > step or (evals and s == step and label != stage))
+
+    for name, attr in ((METRICS_FILE, "_metrics"), (SAMPLES_FILE, "_samples")):
+      path = os.path.join(self.workdir, name)
+      rows = _read_jsonl(path)
+      if not any(dead(r) for r in rows):
+        continue
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if not dead(r))
+      if getattr(self, attr) is not None:
+        getattr(self, attr).close()
+      os.replace(path + ".tmp", path)
+      setattr(self, attr, open(path, "a", encoding="utf-8"))
+
+  @primary_only
   def write_samples(self, stage: str, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
     """Appends ``rows`` (e.g. ``{"prompt", "completion", "reward"}``) to ``workdir/samples.jsonl``."""
     if self._samples is None:
@@ -110,6 +146,7 @@ class MetricsWriter:
       self._samples.write(json.dumps(line, allow_nan=False, ensure_ascii=False) + "\n")
     self._samples.flush()
 
+  @primary_only
   def flush(self) -> None:
     self._metrics.flush()
     if self._samples is not None:
@@ -117,6 +154,7 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.flush()
 
+  @primary_only
   def close(self) -> None:
     for f in (self._metrics, self._samples):
       if f is not None and not f.closed:
@@ -159,16 +197,23 @@ def read_samples(workdir: str) -> list[dict]:
 
 class ProgressBar:
   """Thin tqdm wrapper showing ``step``, ``loss`` and ``tok/s``; refreshes at most once a second.
+  Where tqdm is off (stderr not a TTY: logs, CI) a plain line goes to the ``rlhfjax`` logger
+  instead — step, the metrics, ETA — at the first update, then at most every ``plain_every``
+  seconds, and at the last step.
 
   ``update(step, ...)`` takes the absolute step (not an increment), so it is resume-friendly.
   """
 
-  def __init__(self, total: int, desc: str = "", initial: int = 0, *, disable: bool | None = None):
+  def __init__(self, total: int, desc: str = "", initial: int = 0, *, disable: bool | None = None,
+               plain_every: float = 30.0):
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     # disable=None: tqdm turns itself off when stderr is not a TTY (CI logs stay clean).
     self._bar = tqdm(total=total, desc=desc, initial=initial, mininterval=1.0, maxinterval=10.0,
                      dynamic_ncols=True, disable=disable, unit="step")
-    self._step = int(initial)
+    self._step = self._initial = int(initial)
+    self._plain = self._bar.disable and disable is None
+    self._desc, self._total, self._every = desc, total, plain_every
+    self._t0, self._last = time.monotonic(), -math.inf
 
   def update(self, step: int, loss=None, tokens_per_s=None, **extra) -> None:
     step = int(step)
@@ -187,6 +232,13 @@ class ProgressBar:
         post[k] = str(v)
     if post:
       self._bar.set_postfix(post, refresh=False)  # shown at the next (rate-limited) refresh
+    now = time.monotonic()
+    if self._plain and (now - self._last >= self._every or step >= self._total):
+      self._last, done = now, step - self._initial
+      eta = (now - self._t0) / done * (self._total - step) if done > 0 else math.nan
+      cells = " ".join(f"{k}={v}" for k, v in post.items())
+      logging.getLogger("rlhfjax").info("%s step %d/%d %s eta %s", self._desc, step, self._total,
+                                        cells, _duration(eta))
 
   def close(self) -> None:
     self._bar.close()
@@ -198,6 +250,13 @@ class ProgressBar:
     self.close()
 
 
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
 def _numeric_keys(rows: Iterable[dict]) -> list[str]:
   keys: dict[str, bool] = {}
   for r in rows:
@@ -207,6 +266,7 @@ def _numeric_keys(rows: Iterable[dict]) -> list[str]:
   return [k for k, ok in keys.items() if ok]
 
 
+@primary_only
 def plot_curves(workdir: str, stages: Sequence[str] | None = None) -> list[str]:
   """Plots ``metrics.jsonl`` to ``workdir/plots/<stage>.png``: a subplot per numeric metric.
 
@@ -266,6 +326,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+@primary_only
 def write_report(workdir: str, title: str, sections: Mapping[str, str | Sequence[Mapping]]) -> str:
   """Writes ``workdir/report.md``: ``# title`` then ``## name`` per section (text or a table of
   dict rows). Plots in ``workdir/plots`` are linked at the end. Returns the path."""

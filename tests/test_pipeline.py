@@ -91,7 +91,7 @@ def test_workdir_with_another_model_is_a_one_line_error(tmp_path):
   from rlhfjax.train.pipeline import check_resumable
   from tests import tiny
   config = tiny.get_config()
-  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "sft" / "6").mkdir(parents=True)
   (tmp_path / "config.json").write_text(to_json(config))
   config.sft.steps = 99  # training length may change on resume
   check_resumable(config, str(tmp_path))

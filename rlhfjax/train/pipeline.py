@@ -10,6 +10,8 @@ final checkpoint (`--config.stages=rl` on a workdir whose `sft` finished).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -20,7 +22,8 @@ import numpy as np
 from rlhfjax.config import check_moved_keys, to_dataclass, to_json
 from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import create_mesh
-from rlhfjax.train.stage import STAGES, Run, run_stage
+from rlhfjax.parallel.distributed import primary_first
+from rlhfjax.train.stage import STAGES, Run, run_stage, stop_on_signals
 
 log = logging.getLogger("rlhfjax")
 
@@ -28,26 +31,35 @@ log = logging.getLogger("rlhfjax")
 def arithmetic_config(data: ml_collections.ConfigDict):
   from rlhfjax.data import ArithmeticConfig
   return ArithmeticConfig(ops=tuple(data.ops), min_digits=data.min_digits, max_digits=data.max_digits,
-                          thinking=data.thinking, flaw=data.flaw, flaw_prob=data.flaw_prob,
+                          min_digits_b=data.get("min_digits_b", 0), max_digits_b=data.get("max_digits_b", 0),
+                          thinking=data.thinking, thinking_prob=data.get("thinking_prob", 1.0),
+                          flaw=data.flaw, flaw_prob=data.flaw_prob,
                           chatter=data.get("chatter", 0.0), repeat=data.get("repeat", 0.0))
 
 
 def load_data(config, workdir):
-  """Train and test examples: the arithmetic task family (TFDS array_record, built on first use), or
-  with `data.source="file"` the user's JSONL / Parquet files (`rlhfjax.data.files.load_file_data`)."""
+  """Train and test examples: the arithmetic task family (TFDS array_record, built on first use),
+  with `data.source="file"` the user's JSONL / Parquet files (`rlhfjax.data.files.load_file_data`),
+  or with "code" the generated one-line Python tasks (`rlhfjax.data.code_tasks`)."""
   d = config.data
   if d.get("source", "arithmetic") == "file":
     from rlhfjax.data.files import load_file_data
     return load_file_data(d)
+  if d.get("source", "arithmetic") == "code":
+    from rlhfjax.data.code_tasks import generate_code_tasks
+    kw = dict(flaw_prob=d.flaw_prob, test_fraction=d.test_fraction)
+    return (generate_code_tasks(d.num_train, config.seed, "train", **kw),
+            generate_code_tasks(d.num_test, config.seed, "test", **kw))
   if d.get("source", "arithmetic") != "arithmetic":
-    raise ValueError(f"config.data.source must be 'arithmetic' or 'file', got {d.source!r}")
+    raise ValueError(f"config.data.source must be 'arithmetic', 'file' or 'code', got {d.source!r}")
   import tensorflow_datasets as tfds
   from rlhfjax.data import builder_config_for, load_arithmetic
   tfds.disable_progress_bar()
   bc = builder_config_for(arithmetic_config(d), num_train=d.num_train, num_test=d.num_test,
                           seed=config.seed)
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
-  train, test = load_arithmetic(data_dir, bc, "train"), load_arithmetic(data_dir, bc, "test")
+  with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing ..."
+    train, test = load_arithmetic(data_dir, bc, "train"), load_arithmetic(data_dir, bc, "test")
   if len(train) == 0 or len(test) == 0:
     raise ValueError(f"empty dataset: {len(train)} train / {len(test)} test examples; "
                      "raise config.data.num_train / num_test")
@@ -60,16 +72,23 @@ def prepare_tokenizer(config, workdir, train_examples):
   from rlhfjax.tokenizer import Tokenizer, template_texts, train_tokenizer
   t = config.tokenizer
   path = t.path or config.model.get("hf_path", "")
-  if path:
-    from rlhfjax.hf_tokenizer import load_tokenizer
-    if path.endswith(".model"):
-      return load_tokenizer(path)
-    return load_tokenizer(path, thinking=tuple(t.get("thinking", ("<think>", "</think>"))),
-                          template_kwargs=dict(t.get("template_kwargs", {})) or None)
-  path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path):
-    train_tokenizer(template_texts(train_examples), path, vocab_size=t.vocab_size)
-  return Tokenizer.load(path)
+  chat = len(train_examples) > 0 and not isinstance(train_examples[0]["prompt"], str)
+  if chat and (not path or path.endswith(".model")):
+    raise ValueError("chat prompts (data.fields.messages) need a Hugging Face tokenizer with a chat "
+                     "template: set tokenizer.path or model.hf_path")
+  try:
+    if path:
+      from rlhfjax.hf_tokenizer import load_tokenizer
+      if path.endswith(".model"):
+        return load_tokenizer(path)
+      return load_tokenizer(path, thinking=tuple(t.get("thinking", ("<think>", "</think>"))),
+                            template_kwargs=dict(t.get("template_kwargs", {})) or None)
+    path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(path):
+      train_tokenizer(template_texts(train_examples), path, vocab_size=t.vocab_size)
+    return Tokenizer.load(path)
+  except RuntimeError as e:  # sentencepiece / tokenizers on a damaged file
+    raise ValueError(f"tokenizer {path} does not load ({' '.join(str(e).split())})") from None
 
 
 def make_model_config(config, tokenizer) -> TransformerConfig:
@@ -90,16 +109,9 @@ def make_model_config(config, tokenizer) -> TransformerConfig:
   return to_dataclass(TransformerConfig, model, vocab_size=vocab, max_len=max_len)
 
 
-def check_rewards(config, stages) -> None:
-  """Resolve the `rl` stage's verifier rewards now, so a typo fails before any training."""
-  if "rl" in stages:
-    from rlhfjax.rewards.scorers import verifier_scorer
-    verifier_scorer(config.rl_reward, config.rl_loop.get("nan_reward", "zero"))
-
-
 # The modules that define the stages (each registers its `Stage` class on import).
 STAGE_MODULES = ("rlhfjax.train.sft", "rlhfjax.train.rm_stage", "rlhfjax.train.rl_stage",
-                 "rlhfjax.train.ppo_stage")
+                 "rlhfjax.train.ppo_stage", "rlhfjax.train.dpo_stage")
 
 
 def import_stages() -> dict:
@@ -131,24 +143,52 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def check_config(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+  """Bad input that fails before any data is built: every cadence in the config (`log_every`,
+  `checkpoint_every`, `keep_checkpoints` >= 1; other `*_every`, `steps`, `iterations` >= 0) and
+  each stage's own sections (`Stage.check_config`: unknown keys, reward names, ...)."""
+  for path, v in _flatten(config.to_dict()).items():
+    key = path.rsplit(".", 1)[-1]
+    least = 1 if key in ("log_every", "checkpoint_every", "keep_checkpoints") else \
+        0 if key.endswith("_every") or key in ("steps", "iterations") else None
+    if least is not None and isinstance(v, (int, float)) and v < least:
+      raise ValueError(f"config.{path} must be >= {least}, got {v}")
+  for stage in stages:
+    import_stages()[stage].check_config(config)
+
+
+def _bound(workdir: str) -> bool:
+  """Whether the workdir holds a checkpoint (only then does its config.json bind a resume)."""
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(root) and any(d.isdigit() for s in os.listdir(root)
+                                     if os.path.isdir(os.path.join(root, s))
+                                     for d in os.listdir(os.path.join(root, s)))
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir resumes only the run it holds: a one-line error if model/data/tokenizer changed."""
+  """A workdir resumes only the run it holds: a one-line error if model/data/tokenizer changed
+  once a checkpoint exists. Before that (a run that failed early) the new config replaces the old,
+  and a tokenizer trained for another tokenizer/data config is dropped."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not os.path.exists(path):
     return
   with open(path) as f:
     old = _flatten({k: v for k, v in json.load(f).items() if k in SHAPE_SECTIONS})
   new = _flatten({k: v for k, v in json.loads(to_json(config)).items() if k in SHAPE_SECTIONS})
   diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-  if diff:
+  if diff and _bound(workdir):
     raise ValueError(f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
                      f"{' ...' if len(diff) > 6 else ''} differ); use a new --workdir or delete it")
+  stale = os.path.join(workdir, "tokenizer.model")
+  if any(k.startswith(("tokenizer.", "data.")) for k in diff) and os.path.exists(stale):
+    os.remove(stale)
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """The shared setup of a run in `workdir`: data, tokenizer, model config, mesh (no writer yet)."""
-  train, test = load_data(config, workdir)
-  tokenizer = prepare_tokenizer(config, workdir, train)
+  with primary_first("setup_run"):  # process 0 builds the data set and tokenizer the others read
+    train, test = load_data(config, workdir)
+    tokenizer = prepare_tokenizer(config, workdir, train)
   return Run(config=config, workdir=workdir, tokenizer=tokenizer,
              model_cfg=make_model_config(config, tokenizer), mesh=create_mesh(tuple(config.mesh.shape)),
              rules=tuple(tuple(r) for r in config.sharding.rules), writer=None,
@@ -160,18 +200,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from rlhfjax.metrics import MetricsWriter, plot_curves, read_metrics, write_report
   check_moved_keys(config)
   stages = stage_list(config)
-  check_rewards(config, stages)
+  check_config(config, stages)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory")
   os.makedirs(workdir, exist_ok=True)
   check_resumable(config, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(to_json(config))
-  run = setup_run(config, workdir)
-  run.writer = writer = MetricsWriter(workdir)
-  try:
-    for stage in stages:
-      run.results[stage] = run_stage(run, STAGES[stage](run))
-  finally:
-    writer.close()
+  with stop_on_signals():  # SIGINT/SIGTERM: checkpoint at the next step boundary, then stop
+    run = setup_run(config, workdir)
+    run.writer = writer = MetricsWriter(workdir)
+    try:
+      for stage in stages:
+        run.results[stage] = run_stage(run, STAGES[stage](run))
+    finally:
+      writer.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(run.results, f, indent=2, default=float)
   # replot config.stages' curves (those of earlier stages outside it are kept as they were);

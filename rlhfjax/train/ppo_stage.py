@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from rlhfjax.config import get_field, to_dataclass
-from rlhfjax.train.rl_stage import RLStage, RolloutConfig
+from rlhfjax.train.rl_stage import RLStage, RolloutConfig, rl_configs
 from rlhfjax.train.stage import Run, register_stage, stage_params
 
 log = logging.getLogger("rlhfjax")
@@ -38,18 +38,20 @@ class PPOStageConfig:
 
 
 def gold_eval(run: Run, model, rm_params, sampling: RolloutConfig, stage_cfg: PPOStageConfig, *,
-              ensemble: bool, uncertainty_coef: float, pool: str = "last"):
+              ensemble: bool, uncertainty_coef: float, pool: str = "last", extra=None):
   """`extra_eval(params) -> dict`: one sample per held-out prompt at the RL temperature, scored by
-  the simulated human (gold) and the reward model (proxy). Also keeps the last rows for a table."""
+  the simulated human (gold) and the reward model (proxy; none if `rm_params` is None), plus
+  `extra(params, tokens, mask) -> dict` of the samples if given. Keeps the last rows for a table."""
   from rlhfjax.data import encode_sequences
   from rlhfjax.data.labeler import gold_scores
+  from rlhfjax.rewards.base import prompt_text
   from rlhfjax.rewards.scorers import score_batched
   from rlhfjax.sampling.completions import generate_completions
   d = run.config.data
   n = min(stage_cfg.gold_eval_prompts, len(run.test_examples))
   exs = [run.test_examples[i] for i in range(n)]
   prompts = [e["prompt"] for e in exs]
-  answers = [e["answer"] for e in exs]
+  answers = [e.get("answer") for e in exs]  # a user file of prompts may have none
   rng = jax.random.key(run.seed + 505)  # the same prompts and sampling noise every eval
   tables: list = []
 
@@ -61,20 +63,25 @@ def gold_eval(run: Run, model, rm_params, sampling: RolloutConfig, stage_cfg: PP
                                  max_new_tokens=sampling.max_new_tokens or d.max_response_len,
                                  batch_size=run.config.eval.batch_size, rng=rng,
                                  temperature=sampling.temperature)
-    gold = gold_scores(prompts, texts, answers)
+    gold = gold_scores([prompt_text(p) for p in prompts], texts, answers)
     tokens, mask = encode_sequences(run.tokenizer, prompts, texts, d.max_prompt_len,
                                     d.max_response_len)
-    proxy = score_batched(rm_params, tokens, mask, run.model_cfg, ensemble=ensemble,
-                          batch_size=run.config.eval.batch_size, pool=pool)
     out = {"gold_mean": float(gold.mean()), "gold_std": float(gold.std())}
-    if ensemble:
-      out["proxy_std"] = float(proxy.std(0).mean())
-      proxy = proxy.mean(0) - uncertainty_coef * proxy.std(0)
-    out["proxy_mean"] = float(proxy.mean())
+    k = stage_cfg.samples_table
+    rows = [dict(prompt=p, completion=t, gold=float(g)) for p, t, g in zip(prompts[:k], texts[:k], gold)]
+    if rm_params is not None:
+      proxy = score_batched(rm_params, tokens, mask, run.model_cfg, ensemble=ensemble,
+                            batch_size=run.config.eval.batch_size, pool=pool)
+      if ensemble:
+        out["proxy_std"] = float(proxy.std(0).mean())
+        proxy = proxy.mean(0) - uncertainty_coef * proxy.std(0)
+      out["proxy_mean"] = float(proxy.mean())
+      for row, s in zip(rows, proxy):
+        row["proxy"] = float(s)
+    if extra is not None:
+      out.update(extra(params, tokens, mask))
     out["response_words"] = float(np.mean([len(t.split()) for t in texts]))
-    tables.append([dict(prompt=p, completion=t, gold=float(g), proxy=float(s))
-                   for p, t, g, s in zip(prompts[:stage_cfg.samples_table],
-                                         texts[:stage_cfg.samples_table], gold, proxy)])
+    tables.append(rows)
     return out
   evaluate.tables = tables
   return evaluate
@@ -119,13 +126,20 @@ def plot_ppo_curves(workdir: str, stage: str = "ppo", kl_target: float | None = 
 def _gold_metrics(texts, examples) -> dict:
   """The simulated human's gold score of the rollout's texts (logged beside the proxy)."""
   from rlhfjax.data.labeler import gold_scores
-  gold = gold_scores([e["prompt"] for e in examples], texts, [e.get("answer") for e in examples])
+  from rlhfjax.rewards.base import prompt_text
+  gold = gold_scores([prompt_text(e["prompt"]) for e in examples], texts, [e.get("answer") for e in examples])
   return {"gold_reward_mean": float(gold.mean()), "gold_reward_std": float(gold.std())}
 
 
 @register_stage("ppo")
 class PPOStage(RLStage):
   """PPO (or any `rl.algo`) from the SFT policy against the reward model of the `rm` stage."""
+
+  @classmethod
+  def check_config(cls, config):
+    rl_configs(config)
+    if get_field(config, "ppo") is not None:
+      to_dataclass(PPOStageConfig, config.ppo)
 
   def __init__(self, run: Run):
     super().__init__(run)

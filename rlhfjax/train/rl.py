@@ -367,7 +367,7 @@ def _accumulate(loss_fn, params, mb: Experience, n_micro: int, units_total, aggr
   def body(acc, m):
     (_, metrics), grads = grad_fn(params, m)
     w = _units(m.response_mask, aggregation) / units_total
-    acc = jax.tree.map(lambda a, g: a + w * g, acc, grads)
+    acc = jax.tree.map(lambda a, g: (a + w * g).astype(a.dtype), acc, grads)  # bf16 params: bf16 grads
     return acc, (jax.tree.map(lambda x: w * x, metrics), metrics)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -402,6 +402,8 @@ def minibatch_grads(state: RLState, mb: Experience, *, algo: AlgoConfig, models:
 def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models: RLModels,
               policy_tx, value_tx, temperature: float = 1.0, grad_fn=None):
   """`epochs` x shuffled minibatches of clipped-surrogate updates, then one KL-controller step.
+  A minibatch step whose loss or gradients are not finite is skipped (`update_skipped`: the share
+  of skipped steps), as is the KL step on a non-finite KL: no host round-trip decides it.
 
   `grad_fn(state, minibatch) -> (policy grads, value grads, metrics)` defaults to
   `minibatch_grads`; the shard_map data-parallel variant passes one that `psum`s over devices.
@@ -420,7 +422,12 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
     value = s.value
     if algo.separate_critic:
       value, metrics["value_grad_norm"] = _apply(s.value, vgrads, value_tx)
-    return s.replace(policy=policy, value=value), metrics
+    # a non-finite loss or gradient skips the step: parameters and optimizer state as they were
+    ok = jnp.all(jnp.isfinite(jnp.stack([metrics[k] for k in ("policy_loss", "policy_grad_norm",
+                                                             "value_grad_norm") if k in metrics])))
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), s.replace(policy=policy, value=value), s)
+    metrics["update_skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new, metrics
 
   def epoch(s: RLState, key):
     perm = jax.random.permutation(key, b)
@@ -430,7 +437,8 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
   state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, algo.epochs))
   metrics = jax.tree.map(jnp.mean, metrics)
   seq_kl = rl.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1").sum(1).mean()
-  kl_state = algo.kl_controller().update(state.kl, seq_kl, b)
+  kl_state = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(seq_kl), new, old),
+                          algo.kl_controller().update(state.kl, seq_kl, b), state.kl)
   return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
 
 

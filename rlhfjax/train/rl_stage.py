@@ -27,7 +27,7 @@ from rlhfjax.parallel import shard_batch
 from rlhfjax.sampling import Rollout, SamplingConfig, generate
 from rlhfjax.train.rl import (AlgoConfig, RLModels, RLOptimConfig, init_rl_state, make_experience_fn,
                               make_rl_update, rl_state_shardings)
-from rlhfjax.train.stage import Run, Stage, register_stage, stage_params
+from rlhfjax.train.stage import Run, Stage, StopRun, register_stage, stage_params
 
 log = logging.getLogger("rlhfjax")
 
@@ -61,6 +61,13 @@ class RLLoopConfig:
   # metrics as reward_nan_<name>): "zero" scores it 0; "mask" drops that completion from the loss
   # (its score is replaced by its group's mean so baselines are unaffected); "raise" stops the run.
   nan_reward: str = "zero"
+  # Failing rewards are loud: a console line when completions go unscored, and the run stops when
+  # more than `max_unscored_share` of them are, `max_unscored_iters` iterations in a row (0 = never).
+  max_unscored_share: float = 0.5
+  max_unscored_iters: int = 3
+  # An update with a non-finite loss or gradients is skipped (state unchanged) and logged; the run
+  # stops after `max_skipped_iters` iterations in a row with a skipped update (0 = never).
+  max_skipped_iters: int = 3
   # The update's data parallelism: "jit" (GSPMD from the in/out shardings; data + fsdp + tensor) or
   # "shard_map" (explicit per-device gradients and psum over `data`; meant for a (N, 1, 1) mesh).
   update_variant: str = "jit"
@@ -91,10 +98,11 @@ def mask_unscored(scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.n
   return filled.astype(np.float32), valid.astype(np.float32)
 
 
-def rollout_stats(texts: list[str]) -> dict:
-  """Thinking / format metrics of sampled completions (`rewards.thinking_stats`), prefixed."""
+def rollout_stats(texts: list[str], answers: list | None = None) -> dict:
+  """Thinking / format metrics of sampled completions (`rewards.thinking_stats`), prefixed; with
+  gold `answers`, the verifier's accuracy of the completions that think and of those that don't."""
   from rlhfjax.rewards import thinking_stats
-  return {f"think_{k}": v for k, v in thinking_stats(texts).items()}
+  return {f"think_{k}": v for k, v in thinking_stats(texts, answers=answers).items()}
 
 
 def builtin_models(model_cfg, algo: AlgoConfig) -> RLModels:
@@ -130,7 +138,10 @@ def teacher_eval(run: Run, loop: RLLoopConfig) -> dict:
   """The teacher's own accuracy on the same held-out problems the policy is evaluated on."""
   from rlhfjax.data.arithmetic import teacher_accuracy
   from rlhfjax.rewards import math_reward
+  from rlhfjax.rewards.verify import verify
   exs = eval_examples(run, loop.eval_examples)
+  if exs and "tests" in exs[0] and "response" in exs[0]:  # code tasks: the teacher's solutions
+    return {"teacher_accuracy": float(verify([e["response"] for e in exs], exs).mean())}
   if not exs or "demonstration" not in exs[0]:
     return {}
   correct = math_reward([e["demonstration"] for e in exs], [e["answer"] for e in exs])
@@ -145,18 +156,19 @@ def evaluate_rl(run: Run, model, params, loop: RLLoopConfig, sampling: RolloutCo
                 rng) -> tuple[dict, list]:
   """Greedy accuracy, and pass@k / maj@k over `eval_samples` samples per problem, of the policy
   `model` with `params`."""
-  from rlhfjax.rewards import answers_match, extract_answer, math_reward
+  from rlhfjax.rewards import answers_match, extract_answer
+  from rlhfjax.rewards.verify import verify
   from rlhfjax.sampling.completions import generate_completions
   if loop.eval_examples <= 0:
     return {}, []
   d = run.config.data
   exs = eval_examples(run, loop.eval_examples)
-  qs, golds = [e["prompt"] for e in exs], [e["answer"] for e in exs]
+  qs, golds = [e["prompt"] for e in exs], [e.get("answer") for e in exs]
   kw = dict(max_prompt_len=d.max_prompt_len,
             max_new_tokens=sampling.max_new_tokens or d.max_response_len,
             batch_size=run.config.eval.batch_size, rng=rng)
   greedy = generate_completions(params, model, run.tokenizer, qs, greedy=True, **kw)
-  correct_greedy = math_reward(greedy, golds)
+  correct_greedy = verify(greedy, exs)
   out = {"accuracy_greedy": float(np.mean(correct_greedy))}
   out.update(flaw_class_accuracy(exs, correct_greedy, run.config.data.get("flaw", "none")))
   out.update({f"greedy_{k}": v for k, v in rollout_stats(greedy).items()
@@ -165,9 +177,10 @@ def evaluate_rl(run: Run, model, params, loop: RLLoopConfig, sampling: RolloutCo
   if k > 0:
     sampled = generate_completions(params, model, run.tokenizer, [q for q in qs for _ in range(k)],
                                    temperature=sampling.temperature, **kw)
-    correct = math_reward(sampled, [g for g in golds for _ in range(k)]).reshape(len(qs), k)
+    correct = verify(sampled, [e for e in exs for _ in range(k)]).reshape(len(qs), k)
     out["accuracy_sampled"] = float(correct.mean())
     out[f"pass@{k}"] = float(np.mean(rl.pass_at_k(np.full(len(qs), k), correct.sum(1), k)))
+  if k > 0 and golds[0] is not None:
     answers = [[extract_answer(sampled[i * k + j]) for j in range(k)] for i in range(len(qs))]
     out[f"maj@{k}"] = float(np.mean(rl.maj_at_k(answers, golds, k, match=answers_match)))
   samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c))
@@ -192,8 +205,14 @@ def rl_configs(config) -> tuple[AlgoConfig, RLOptimConfig, RolloutConfig, RLLoop
 class RLStage(Stage):
   """RL on the SFT policy against verifiers; subclasses change the scorer, critic init and eval."""
 
-  finite_keys = ("policy_loss",)
-  progress_keys = ("policy_loss", "reward_mean", "kl_seq_mean")
+  finite_keys = ()  # a non-finite update is skipped inside `rl_update` (`check` counts them)
+  rate_name = "tokens_per_s"  # sampled response tokens
+  progress_keys = ("reward_mean", "policy_loss", "kl_seq_mean", "tokens_per_s")
+
+  @classmethod
+  def check_config(cls, config):
+    from rlhfjax.rewards.scorers import verifier_scorer
+    verifier_scorer(config.rl_reward, rl_configs(config)[3].nan_reward)  # a reward typo fails here
 
   def __init__(self, run: Run):
     super().__init__(run)
@@ -208,6 +227,7 @@ class RLStage(Stage):
     self.rng = jax.random.key(run.seed + 3)
     self.eval_rng = jax.random.key(run.seed + 4)
     self.kl_history: list = []  # KL(policy || reference) per iteration, nats per sequence
+    self.streaks = {"unscored": 0, "skipped": 0, "warned": 0}  # iterations in a row (`check`)
 
   # -- hooks for subclasses
   def make_models(self) -> RLModels:
@@ -280,6 +300,8 @@ class RLStage(Stage):
     texts = run.tokenizer.decode_batch(np.asarray(tokens_host), np.asarray(mask_host))
     rollout = Rollout.from_sample(ids, mask, out)
     scores, score_metrics = self.scorer(texts, group, rollout)
+    score_metrics["unscored_share"] = max([float(np.isnan(scores).mean())] + [
+        v / len(texts) for k, v in score_metrics.items() if k.startswith("reward_nan_")])
     if self.loop.nan_reward == "mask":
       scores, valid = mask_unscored(scores, g)
       score_metrics["scored_fraction"] = float(valid.mean())
@@ -287,7 +309,7 @@ class RLStage(Stage):
         rollout = rollout.replace(response_mask=out.mask * jnp.asarray(valid, out.mask.dtype)[:, None])
     elif np.isnan(scores).any():  # a custom scorer broke the contract for "zero"
       scores = np.nan_to_num(scores, nan=0.0)
-    score_metrics.update(rollout_stats(texts))
+    score_metrics.update(rollout_stats(texts, [e.get("answer") for e in group]))
     t_score = time.perf_counter()
     value_params = state.value.params if self.algo.separate_critic else None
     exp, exp_metrics = self.experience_fn(state.policy.params, self.ref_params, value_params, rollout,
@@ -303,7 +325,30 @@ class RLStage(Stage):
     if it % self.log_every == 0:
       run.writer.write_samples(self.name, it, [dict(prompt=group[0]["prompt"], completion=texts[0],
                                                     score=float(scores[0]))])
-    return state, metrics, None
+    return state, metrics, float(mask_host.sum())
+
+  def check(self, step, m):
+    loop, streaks = self.loop, self.streaks
+    unscored, skipped = m.get("unscored_share", 0.0), m.get("update_skipped", 0.0)
+    streaks["unscored"] = streaks["unscored"] + 1 if unscored > loop.max_unscored_share else 0
+    streaks["skipped"] = streaks["skipped"] + 1 if skipped > 0 else 0
+    if unscored > 0 and (streaks["unscored"] or not streaks.get("warned")):
+      names = [k[len("reward_nan_"):] for k, v in m.items() if k.startswith("reward_nan_") and v]
+      log.warning("%s: iteration %d: %.0f%% of the completions could not be scored (NaN%s; "
+                  "rl_loop.nan_reward=%s)", self.name, step, 100 * unscored,
+                  f" from {', '.join(names)}" if names else "", loop.nan_reward)
+      streaks["warned"] = True
+    if skipped:
+      log.warning("%s: iteration %d: %.0f%% of the optimizer steps skipped (non-finite loss or "
+                  "gradients; parameters left as they were)", self.name, step, 100 * skipped)
+    if loop.max_unscored_iters and streaks["unscored"] >= loop.max_unscored_iters:
+      raise StopRun(f"{self.name}: more than {loop.max_unscored_share:.0%} of the completions "
+                    f"unscored (NaN) for {streaks['unscored']} iterations in a row; the reward "
+                    f"cannot score them: check config.rl_reward (rl_loop.max_unscored_iters=0 "
+                    "to continue anyway)")
+    if loop.max_skipped_iters and streaks["skipped"] >= loop.max_skipped_iters:
+      raise StopRun(f"{self.name}: non-finite updates skipped for {streaks['skipped']} iterations "
+                    "in a row; lower rl_optim.learning_rate or check the rewards' scale")
 
   def evaluate(self, state):
     return evaluate_rl(self.run, self.models.policy, state.policy.params, self.loop, self.sampling,

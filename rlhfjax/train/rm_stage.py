@@ -22,7 +22,7 @@ from rlhfjax.config import get_field, to_dataclass
 from rlhfjax.data import DataIterator, encode_sequences
 from rlhfjax.data.labeler import (ANSWER_RE, LabelerConfig, answer_from_prompt, gold_features,
                                   gold_score, simulate_labels)
-from rlhfjax.data.preferences import (collate_preferences, load_preferences, read_preferences_jsonl,
+from rlhfjax.data.preferences import (collate_preferences, load_preferences, read_preferences,
                                       responses_of, write_jsonl)
 from rlhfjax.parallel import shard_batch
 from rlhfjax.rewards.scorers import score_batched
@@ -75,10 +75,9 @@ def prepare_preferences(run: Run, cfg: RMConfig, paths, simulated: bool = True) 
   d = run.config.data
   reports, valid_paths = {}, []
   for split, path in zip(("train", "test"), paths):
-    recs, rep = read_preferences_jsonl(path, cfg.format, keys="" if simulated else cfg.file_keys,
-                                       tokenizer=run.tokenizer,
-                                       max_prompt_len=d.max_prompt_len,
-                                       max_response_len=d.max_response_len)
+    recs, rep = read_preferences(path, cfg.format, keys="" if simulated else cfg.file_keys,
+                                 tokenizer=run.tokenizer, max_prompt_len=d.max_prompt_len,
+                                 max_response_len=d.max_response_len)
     reports[split] = rep
     vpath = os.path.join(run.workdir, "preferences", f"{cfg.format}_{split}.valid.jsonl")
     write_jsonl(vpath, recs)
@@ -172,6 +171,12 @@ class RMStage(Stage):
   finite_keys = ("loss", "grad_norm")
   rate_name = "responses_per_s"
   progress_keys = ("loss", "accuracy")
+
+  @classmethod
+  def check_config(cls, config):
+    to_dataclass(RMConfig, config.rm)
+    if get_field(config, "labeler") is not None:
+      to_dataclass(LabelerConfig, config.labeler)
 
   def __init__(self, run: Run):
     super().__init__(run)

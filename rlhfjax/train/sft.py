@@ -86,16 +86,21 @@ def select(batch: dict, keys=SFT_BATCH_KEYS) -> dict:
 
 
 def heldout_loss(run, params, eval_loss, batch_size: int, n_examples: int) -> float:
-  """Mean SFT loss over the first `n_examples` held-out examples, in fixed-shape batches."""
+  """Mean SFT loss per target token over the first `n_examples` held-out examples, in fixed-shape
+  batches (the last one padded with repeats that carry no loss)."""
   from rlhfjax.data import collate_sft
   d = run.config.data
   exs = [run.test_examples[i] for i in range(min(n_examples, len(run.test_examples)))]
-  exs = exs[: max(batch_size, len(exs) // batch_size * batch_size)]
-  losses = []
-  for i in range(0, len(exs) - batch_size + 1, batch_size):
-    batch = collate_sft(exs[i:i + batch_size], run.tokenizer, d.max_prompt_len, d.max_response_len)
-    losses.append(float(eval_loss(params, select(batch))["loss"]))
-  return float(np.mean(losses))
+  total, tokens = 0.0, 0.0
+  for i in range(0, len(exs), batch_size):
+    chunk = exs[i:i + batch_size]
+    batch = select(collate_sft(chunk + chunk[-1:] * (batch_size - len(chunk)), run.tokenizer,
+                               d.max_prompt_len, d.max_response_len))
+    batch["loss_mask"] = np.where(np.arange(batch_size)[:, None] < len(chunk), batch["loss_mask"], 0)
+    m = eval_loss(params, batch)
+    total += float(m["loss"]) * float(m["target_tokens"])
+    tokens += float(m["target_tokens"])
+  return total / tokens if tokens else float("nan")
 
 
 @register_stage("sft")
@@ -105,7 +110,10 @@ class SFTStage(Stage):
   finite_keys = ("loss", "grad_norm", "param_norm")
   rate_name = "tokens_per_s"
   progress_keys = ("loss", "tokens_per_s")
-  samples_name = "sft"
+
+  @classmethod
+  def check_config(cls, config):
+    to_dataclass(SFTConfig, config.sft)
 
   def __init__(self, run):
     super().__init__(run)
@@ -141,18 +149,18 @@ class SFTStage(Stage):
 
   def evaluate(self, state):
     """Greedy and sampled accuracy on the first `eval_examples` held-out problems, held-out loss."""
-    from rlhfjax.rewards import math_reward
+    from rlhfjax.rewards.verify import verify
     from rlhfjax.sampling.completions import generate_completions
     run, n, d = self.run, self.cfg.eval_examples, self.run.config.data
     examples = [run.test_examples[i] for i in range(min(n, len(run.test_examples)))]
-    questions, answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
+    questions, answers = [e["prompt"] for e in examples], [e.get("answer") for e in examples]
     out, samples = {}, []
     for name, greedy in (("greedy", True), ("sampled", False)) if examples else ():
       texts = generate_completions(state.params, run.model_cfg, run.tokenizer, questions,
                                    max_prompt_len=d.max_prompt_len, max_new_tokens=d.max_response_len,
                                    batch_size=run.config.eval.batch_size, rng=self.eval_rng,
                                    greedy=greedy, temperature=run.config.eval.temperature)
-      correct = math_reward(texts, answers)
+      correct = verify(texts, examples)
       out[f"accuracy_{name}"] = float(np.mean(correct))
       if greedy:
         samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c))

@@ -6,15 +6,24 @@ interval), eval every `eval_every`, checkpoints every `checkpoint_every` and a f
 `finalize` (a checkpoint at `total_steps` is always final); finite checks before any save;
 throughput, progress bar, writer; the result dict (`before_<k>` / `after_<k>` + the stage's own).
 
+Robustness: a resume restores the newest checkpoint that restores
+(`Checkpointer.restore_latest_good`) and drops the metrics rows written after it
+(`MetricsWriter.rewind`). Inside `stop_on_signals()` (around setup and stages in
+`train_and_evaluate`) SIGINT/SIGTERM only set a flag; the loop reads it at step boundaries
+(`stop_requested`), checkpoints that step and raises `Interrupted`.
+
 Adding a stage: subclass `Stage`, implement the hooks, `@register_stage("name")`, and import its
 module in `rlhfjax.train.pipeline.STAGE_MODULES`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -77,6 +86,10 @@ class Stage:
     self.meta: dict = {}  # the checkpoint meta (set by the driver)
     self.data = None  # the stage's DataIterator, if it has one
 
+  @classmethod
+  def check_config(cls, config) -> None:
+    """Reject the stage's bad config (unknown keys, names) with one line, before any data is built."""
+
   # -- state
   def state_spec(self) -> tuple[Any, Any]:
     """(abstract state, its shardings) for restoring a checkpoint."""
@@ -109,6 +122,10 @@ class Stage:
   def step(self, state, step: int) -> tuple[Any, dict, float | None]:
     """One step `step` (1-based): (new state, metrics — device arrays welcome —, work units)."""
     raise NotImplementedError
+
+  def check(self, step: int, metrics: dict) -> None:
+    """Host metrics of each step, at log boundaries (once they are written): raise `StopRun` to
+    stop the run with one line."""
 
   def finalize(self, state) -> tuple[Any, dict]:
     """After the last step, before the final checkpoint: (state, extra checkpoint meta)."""
@@ -156,6 +173,62 @@ class Throughput:
     return float(r)
 
 
+class StopRun(Exception):
+  """A run stopped on purpose: `main` prints the message as one line and exits with `code`."""
+
+  code = 2
+
+
+class Interrupted(StopRun):
+  """SIGINT/SIGTERM: the stage checkpointed and stopped; exit code 128 + signal (130 / 143)."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.code = 128 + signum
+
+
+_received: list[int] = []  # signals received inside `stop_on_signals`
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """SIGINT/SIGTERM set a flag for `run_stage` instead of stopping the process; a second signal
+  acts as it would without this (handlers restored). No-op outside the main thread and for an
+  ignored signal."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
+         if signal.getsignal(s) is not signal.SIG_IGN}  # e.g. nohup: stays ignored
+
+  def restore():
+    for s, handler in old.items():
+      signal.signal(s, handler)
+
+  def on_signal(signum, frame):
+    _received.append(signum)
+    restore()
+  for s in old:
+    signal.signal(s, on_signal)
+  try:
+    yield
+  finally:
+    restore()
+    _received.clear()
+
+
+def stop_requested() -> int | None:
+  """The signal that asked the run to stop, if any: checked at step boundaries (the one place a
+  multi-host run has to agree on it)."""
+  return _received[0] if _received else None
+
+
+def _interrupted(name: str, signum: int, step: int | None, ckpt_dir: str) -> Interrupted:
+  where = f"checkpoint {os.path.join(ckpt_dir, str(step))} (step {step})" if step is not None else \
+      "no new checkpoint"
+  return Interrupted(f"{name}: stopped by {signal.Signals(signum).name}; {where}", signum)
+
+
 def check_finite(values: dict, stage: str, step: int, last_good: int | None, ckpt_dir: str):
   """Stop on a non-finite loss with one line naming the step and the last good checkpoint."""
   for k, v in values.items():
@@ -176,27 +249,33 @@ def run_stage(run: Run, stage: Stage) -> dict:
   from rlhfjax.checkpoint import Checkpointer, abstract_like
   from rlhfjax.metrics import ProgressBar
   name = stage.name
+  if signum := stop_requested():  # e.g. during the data set build
+    raise _interrupted(name, signum, None, run.ckpt_dir(name))
   stage.prepare()
   total = stage.total_steps  # prepare may size the stage (e.g. epochs over the data it built)
   ckpt_dir = run.ckpt_dir(name)
   # closing waits for in-flight async saves, also when training stops on an error (NaN)
   with Checkpointer(ckpt_dir, max_to_keep=stage.keep_checkpoints) as ckpt:
-    start = ckpt.latest_step()
-    if start is not None:
+    start, resumed = 0, ckpt.latest_step() is not None
+    if resumed:
       abstract, shardings = stage.state_spec()
-      state, meta = ckpt.restore(abstract_like(abstract, shardings))
+      start, state, meta = ckpt.restore_latest_good(abstract_like(abstract, shardings))
       stage.set_host_state(meta.get("data"))
       log.info("%s: resumed at step %d in %s", name, start, ckpt_dir)
-    else:
-      start = 0
+    finished = resumed and start >= total
+    # rows written after the restored step are written again (a fresh or finished stage also
+    # rewrites its evals at that step)
+    run.writer.rewind(name, start, evals=finished or not resumed)
+    if not resumed:
       state = stage.init_state()
       before, _ = stage.evaluate(state)
       extras = stage.initial_extras()
       meta = {"before": before, "extras": extras}
       run.writer.write(f"{name}_eval", 0, {**before, **extras})
     stage.meta = meta
-    finished = start >= total
     stage.start(state)
+    if (signum := stop_requested()) and not finished:
+      raise _interrupted(name, signum, ckpt.latest_step(), ckpt_dir)
 
     if not finished:
       bar = ProgressBar(total, name, initial=start)
@@ -208,7 +287,8 @@ def run_stage(run: Run, stage: Stage) -> dict:
         pending.append(metrics)
         if units is not None:
           speed.add(units)
-        save = step % stage.checkpoint_every == 0 and step < total
+        signum = stop_requested()
+        save = (step % stage.checkpoint_every == 0 or signum) and step < total
         if step % stage.log_every == 0 or save or step == total:  # one transfer per interval
           host = jax.device_get(pending)
           pending = []
@@ -219,12 +299,18 @@ def run_stage(run: Run, stage: Stage) -> dict:
           if stage.rate_name:
             avg[stage.rate_name] = speed.rate()
           run.writer.write(name, step, avg)
+          for i, m in enumerate(host):
+            stage.check(step - len(host) + 1 + i, m)
           bar.update(step, **{k: avg[k] for k in stage.progress_keys if k in avg})
         if stage.eval_every and step % stage.eval_every == 0 and step < total:
           run.writer.write(f"{name}_eval", step, stage.evaluate(state)[0])
         if save:
           ckpt.save(step, state, {**meta, "data": stage.host_state(), "stage": name}, force=True)
           last_good = step
+        if signum and step < total:
+          bar.close()
+          ckpt.wait()
+          raise _interrupted(name, signum, step, ckpt_dir)
       bar.close()
       state, extra_meta = stage.finalize(state)
       meta.update(extra_meta)
@@ -264,7 +350,7 @@ def stage_params(run: Run, name: str):
                               f"and no checkpoint in {ckpt_dir}; put '{name}' before it in "
                               "config.stages")
     abstract, shardings = stage.state_spec()
-    state, meta = ckpt.restore(abstract_like(abstract, shardings))
+    step, state, meta = ckpt.restore_latest_good(abstract_like(abstract, shardings))
   if not (meta.get("finished") or meta.get("normalized") or 0 < stage.total_steps <= step):
     raise ValueError(f"the '{name}' stage in {run.workdir} has not finished (latest checkpoint: "
                      f"step {step}); put '{name}' before it in config.stages to complete it")
