@@ -53,7 +53,7 @@ def summarize_rl(r: dict) -> list[str]:
   rows = [("", "teacher", "before RL", "after RL")]
   rows += [(name, _pct(teacher[key]) if key in teacher else "", _pct(r.get(f"before_{key}")),
             _pct(r.get(f"after_{key}"))) for name, key in keys]
-  lines = [f"RL ({r.get('algo', '?')}, {r.get('iterations', '?')} iterations, math verifier reward)"]
+  lines = [f"RL ({r.get('algo', '?')}, {r.get('iterations', '?')} iterations, verifier reward)"]
   lines += _table(rows, 10)
   if r.get("teacher_accuracy") is not None and r.get("after_accuracy_greedy") is not None:
     gain = 100 * (r["after_accuracy_greedy"] - r["teacher_accuracy"])
