@@ -44,15 +44,15 @@ def get_config():
   c.sft.eval_examples = 128
 
   c.rl.algo = "grpo"
-  c.rl_loop.iterations = 20
-  c.rl_loop.prompts_per_iter = 8
+  c.rl_loop.iterations = 60
+  c.rl_loop.prompts_per_iter = 16
   c.rl.group_size = 8
   c.rl.minibatch_size = 64
   c.rl_optim.learning_rate = 1e-4
   c.rl_optim.warmup_steps = 2
   c.rl.kl_coef = 0.01
   c.rl_reward = "code:1.0"
-  c.rl_loop.eval_every = 10
+  c.rl_loop.eval_every = 20
   c.rl_loop.eval_examples = 128
   c.rl_loop.eval_samples = 0
   c.rl_loop.checkpoint_every = 10
