@@ -1,4 +1,5 @@
-"""Pure, jittable RL math: advantages, losses, KL estimators and controllers, eval metrics."""
+"""Pure, jittable RL math: advantages, losses (policy gradient, value, DPO), KL estimators and
+controllers, eval metrics."""
 
 from rlhfjax.rl.advantages import best_of_n_select
 from rlhfjax.rl.advantages import broadcast_sequence_advantage
@@ -7,6 +8,7 @@ from rlhfjax.rl.advantages import gae
 from rlhfjax.rl.advantages import group_advantages
 from rlhfjax.rl.advantages import reinforce_pp_advantages
 from rlhfjax.rl.advantages import rloo_advantages
+from rlhfjax.rl.dpo import dpo_loss
 from rlhfjax.rl.kl import AdaptiveKLController
 from rlhfjax.rl.kl import FixedKLController
 from rlhfjax.rl.kl import KLState
@@ -32,6 +34,7 @@ __all__ = [
     "best_of_n_select",
     "broadcast_sequence_advantage",
     "discounted_returns",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",
