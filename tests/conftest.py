@@ -134,7 +134,8 @@ def kill9():
 # finish together instead of one starting a five-minute test at the end.
 LONGEST_FIRST = ("test_ppo_stage", "test_pipeline", "test_reward_pipeline", "test_bench",
                  "test_rl_shard_map", "test_rl_stage", "test_reward_step", "test_rl_update",
-                 "test_robustness", "test_shared_trunk", "test_sft_sharding", "test_hf_e2e", "test_models")
+                 "test_robustness", "test_multiprocess", "test_dpo", "test_sweep", "test_plan",
+                 "test_shared_trunk", "test_sft_sharding", "test_hf_e2e", "test_models", "test_humaneval")
 
 
 def pytest_collection_modifyitems(items):
