@@ -82,8 +82,12 @@ def device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=None) -> dict:
-  """Per-device bytes of `stage`'s state and programs on a `mesh_shape` mesh (see the module doc):
+PROGRAMS = ("sampler", "make_experience", "rl_update")
+
+
+def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=None,
+         programs=PROGRAMS) -> dict:
+  """Per-device bytes of `stage`'s state and `programs` on a `mesh_shape` mesh (see the module doc):
   {"model_cfg", "params", ..., "programs": {name: memory_analysis fields + "extra", "compile_s"},
   "persistent", "peak"}."""
   import jax
@@ -126,6 +130,8 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
   def compile_(name, fn, args, state_args, **kw):
     t0 = time.perf_counter()
     lowered = fn.lower(*args, **kw)
+    if name not in programs:
+      return lowered
     ma = lowered.compile().memory_analysis()
     fields = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     fields["extra"] = fields["argument"] + fields["output"] - fields["alias"] + fields["temp"] - device_bytes(state_args)
@@ -133,7 +139,8 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
     return lowered
 
   sampler = SamplingConfig(model=models.policy, max_new_tokens=n, eos_id=1, pad_id=0,
-                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                           layout=(mesh, rules))
   ids = batch((b, p), jnp.int32)
   compile_("sampler", generate, (state.policy.params, ids, ids, rng), state.policy.params, config=sampler)
   rollout = Rollout(prompt_ids=ids, prompt_mask=ids, response_ids=batch((b, n), jnp.int32),

@@ -1,5 +1,7 @@
 """Model pieces: heads, remat/untied/bf16 variants, logical axis names, trunk transplant, KV cache."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -122,3 +124,31 @@ def test_cached_decoding_matches_full_forward():
 def test_bad_head_config():
   with pytest.raises(ValueError, match="multiple of n_kv_heads"):
     TransformerConfig(vocab_size=8, n_heads=3, n_kv_heads=2)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_chunked_response_logprobs_equal_the_full_log_softmax(jit):
+  """The LM head on response positions in chunks of 2 (5 positions: one padded chunk) == NumPy's
+  log-softmax / entropy of the full logits, the values, and (jitted) the log-probs' gradient."""
+  from rlhfjax.models import PolicyValueModel
+  from rlhfjax.models.sequence import response_token_stats
+  model = PolicyValueModel(dataclasses.replace(CFG, tie_embeddings=False))
+  params = init_params(model, jax.random.key(0))
+  tokens, positions, mask = _inputs()
+  args = (tokens[:, :3], mask[:, :3], tokens[:, 3:], mask[:, 3:].astype(jnp.float32), 0.7)
+  stats = lambda p, chunk: response_token_stats(p, model, *args, values=True, chunk=chunk)  # noqa: E731
+  lp, ent, values = (jax.jit(stats, static_argnums=1) if jit else stats)(params, 2)
+  logits, full_values = model.apply({"params": params}, tokens, positions, mask)
+  z = np.asarray(logits, np.float64)[:, 2:-1] / 0.7
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  ids = np.asarray(tokens[:, 3:])
+  np.testing.assert_allclose(lp, np.take_along_axis(logp, ids[..., None], -1)[..., 0], atol=1e-5)
+  np.testing.assert_allclose(ent, -(np.exp(logp) * logp).sum(-1), atol=1e-5)
+  np.testing.assert_allclose(values, full_values[:, 2:-1], atol=1e-6)
+  if jit:  # the rematerialized chunks' gradient == the full logits' log-softmax's
+    def plain(p):
+      z = model.apply({"params": p}, tokens, positions, mask)[0][:, 2:-1] / 0.7
+      return jnp.take_along_axis(jax.nn.log_softmax(z), ids[..., None], -1)[..., 0]
+    grad = lambda f: jax.jit(jax.grad(lambda p: (f(p) * args[3]).sum()))(params)  # noqa: E731
+    chex.assert_trees_all_close(grad(lambda p: stats(p, 2)[0]), grad(plain), atol=1e-5)

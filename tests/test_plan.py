@@ -79,3 +79,18 @@ def test_hf_path_reads_only_config_json(tmp_path):
   cfg = mp.model_config(c)
   assert (cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.n_kv_heads, cfg.param_dtype) == (
       4096, 3, 128256, 8, "bfloat16")
+
+
+def test_update_is_split_over_the_batch_on_data_parallel(monkeypatch):
+  """The layout constraints (the shuffled minibatches, the activations) make `rl_update`'s
+  temporaries on data:8 a fraction of the replicated update's (the same compile without them)."""
+  from rlhfjax.train import rl
+  from tests import tiny
+  c = tiny.get_config()
+  c.rl_loop.prompts_per_iter, c.rl.group_size, c.rl.minibatch_size = 2, 8, 16
+  c.data.max_prompt_len, c.data.max_response_len = 8, 16
+  temp = lambda: mp.plan(c, mp.parse_mesh("data:8"), devices=jax.devices()[:8],  # noqa: E731
+                         programs=("rl_update",))["programs"]["rl_update"]["temp"]
+  split = temp()
+  monkeypatch.setattr(rl, "traced_in_layout", lambda fn, mesh, rules: fn)
+  assert split < temp() / 4

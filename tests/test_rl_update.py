@@ -92,3 +92,26 @@ def test_rollout_batch_must_split_into_minibatches(rl_loop):
   with pytest.raises(ValueError, match="not a multiple of rl.minibatch_size=5"):
     rl_loop(AlgoConfig(algo="grpo", group_size=4, minibatch_size=5), create_mesh((1, 1, 1),
                                                                                 jax.devices()[:1]))
+
+
+def test_trimmed_width_experience_equals_the_full_width(random_rollout, tiny_cfg):
+  """Responses of at most 10 tokens in a 24-token budget: `trim_rollout` cuts to 16 columns and
+  PPO's experience (policy, reference, critic, GAE, KL in the reward) is the full width's there."""
+  from rlhfjax.train.rl import trim_rollout
+  mesh = create_mesh((1, 1, 1), jax.devices()[:1])
+  rollout, scores = random_rollout(n=10)
+  pad = lambda x: np.pad(x, ((0, 0), (0, 14)))  # noqa: E731
+  full = rollout.replace(response_ids=pad(rollout.response_ids), response_mask=pad(rollout.response_mask))
+  algo = AlgoConfig(algo="ppo", **BASE)
+  trimmed = trim_rollout(full, algo)
+  assert trimmed.response_ids.shape == (16, 16)
+  assert trim_rollout(full, AlgoConfig(aggregation="fixed")) is full
+  models = RLModels(policy=PolicyModel(tiny_cfg), critic=ValueModel(tiny_cfg))
+  params, ref = (init_params(models.policy, jax.random.key(k)) for k in (0, 1))
+  vparams = init_params(models.critic, jax.random.key(2))
+  fn = make_experience_fn(algo, models, mesh, RULES)
+  (wide, wide_m), (narrow, narrow_m) = (fn(params, ref, vparams, r, jnp.asarray(scores), jnp.float32(0.1))
+                                        for r in (full, trimmed))
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[:, :16], wide), narrow, atol=1e-5)
+  chex.assert_trees_all_close(wide_m, narrow_m, atol=1e-5)
+  assert not np.asarray(wide.advantages[:, 16:]).any() and not np.asarray(wide.old_logprobs[:, 16:]).any()

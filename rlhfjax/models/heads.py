@@ -16,16 +16,36 @@ from rlhfjax.models.transformer import Trunk, TransformerConfig, init_cache
 from rlhfjax.parallel import axes as ax
 
 
-class PolicyModel(nn.Module):
-  """Language-model head: logits [B, T, vocab] (float32), and the KV cache when given one."""
+class _LM(nn.Module):
+  """The trunk and the LM head (tied embedding or an `lm_head` param), as methods: `hidden` gives the
+  final hidden states [B, T, D], `head` their next-token logits [B, T, vocab] (float32), so
+  `rlhfjax.models.sequence` can run the head on a few positions at a time."""
 
   cfg: TransformerConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    self.trunk = Trunk(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (ax.EMBED, ax.VOCAB)),
+                                (cfg.d_model, cfg.vocab_size), cfg.params_dtype)
+
+  def hidden(self, tokens, positions, mask):
+    return self.trunk(tokens, positions, mask)[0]
+
+  def head(self, h):
+    if self.cfg.tie_embeddings:
+      return self.trunk.attend(h)
+    return jnp.einsum("BTD,DV->BTV", h, self.lm_head.astype(h.dtype)).astype(jnp.float32)
+
+
+class PolicyModel(_LM):
+  """Language-model head: logits [B, T, vocab] (float32), and the KV cache when given one."""
+
   def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
-    trunk = Trunk(self.cfg, name="trunk")
-    h, new_cache = trunk(tokens, positions, mask, cache, cache_index)
-    return _lm_logits(self, trunk, h), new_cache
+    h, new_cache = self.trunk(tokens, positions, mask, cache, cache_index)
+    return self.head(h), new_cache
 
   def init_cache(self, batch: int, length: int):
     """An empty KV cache of `length` slots (the sampler's; see `rlhfjax.models.transformer`)."""
@@ -39,17 +59,6 @@ class PolicyModel(nn.Module):
 def as_policy(model):
   """A policy module: `model` itself, or the built-in `PolicyModel` for a `TransformerConfig`."""
   return PolicyModel(model) if isinstance(model, TransformerConfig) else model
-
-
-def _lm_logits(module: nn.Module, trunk: Trunk, h):
-  """Next-token logits [B, T, vocab] (float32): the tied embedding or an `lm_head` param of `module`."""
-  cfg = module.cfg
-  if cfg.tie_embeddings:
-    return trunk.attend(h)
-  w = module.param("lm_head", nn.with_logical_partitioning(
-      nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (ax.EMBED, ax.VOCAB)),
-                   (cfg.d_model, cfg.vocab_size), cfg.params_dtype)
-  return jnp.einsum("BTD,DV->BTV", h, w.astype(h.dtype)).astype(jnp.float32)
 
 
 def _scalar_head(module: nn.Module, h, kernel_init):
@@ -82,21 +91,24 @@ class _ValueHead(nn.Module):
     return _scalar_head(self, h, nn.initializers.zeros)
 
 
-class PolicyValueModel(nn.Module):
+class PolicyValueModel(_LM):
   """Shared-trunk actor-critic: one trunk, the LM head and a value head -> (logits [B,T,V], values [B,T]).
 
   Its parameters are `PolicyModel`'s plus `value_head: {head_kernel, head_bias}`, so the sampler, the
   reference and `response_logits` apply `PolicyModel` to them unchanged (linen ignores the extra
-  subtree), and one forward gives the PPO loss both the log-probs and the values.
+  subtree), and one forward gives the PPO loss both the log-probs and the values (`values(h)`).
   """
 
-  cfg: TransformerConfig
+  def setup(self):
+    super().setup()
+    self.value_head = _ValueHead(self.cfg)
 
-  @nn.compact
   def __call__(self, tokens, positions, mask):
-    trunk = Trunk(self.cfg, name="trunk")
-    h, _ = trunk(tokens, positions, mask)
-    return _lm_logits(self, trunk, h), _ValueHead(self.cfg, name="value_head")(h)
+    h = self.hidden(tokens, positions, mask)
+    return self.head(h), self.values(h)
+
+  def values(self, h):
+    return self.value_head(h)
 
 
 def last_token_index(mask: jax.Array) -> jax.Array:

@@ -22,11 +22,17 @@ Each function below accepts a `TransformerConfig` in place of the policy module 
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from rlhfjax.models.heads import as_policy
 from rlhfjax.models.init import positions_from_mask
+from rlhfjax.models.transformer import ACTIVATIONS
+from rlhfjax.rl.losses import entropy_from_logits
 from rlhfjax.rl.losses import logprobs_from_logits as token_logprobs
+
+LOGIT_CHUNK = 128  # response positions per LM-head chunk (response_token_stats)
 
 
 def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -54,16 +60,6 @@ def response_logits(params, model, prompt_ids, prompt_mask, response_ids, respon
   return logits_of(out)[:, p - 1:-1].astype(jnp.float32) / temperature
 
 
-def response_logits_values(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
-                           temperature: float = 1.0):
-  """Actor-critic, one forward: (logits [B, N, vocab] / temperature, values [B, N]); both at column
-  `P - 1 + i`, i.e. for the state before response token `i`."""
-  logits, values = _apply_on_sequence(model, params, prompt_ids, prompt_mask, response_ids,
-                                      response_mask)
-  p = prompt_ids.shape[1]
-  return logits[:, p - 1:-1].astype(jnp.float32) / temperature, values[:, p - 1:-1]
-
-
 def response_values(params, model, prompt_ids, prompt_mask, response_ids, response_mask):
   """Critic: V(s_i) for each response token i (state = prompt + response[:i]): [B, N] float32."""
   values = _apply_on_sequence(model, params, prompt_ids, prompt_mask, response_ids, response_mask)
@@ -71,9 +67,45 @@ def response_values(params, model, prompt_ids, prompt_mask, response_ids, respon
   return values[:, p - 1:-1].astype(jnp.float32)
 
 
+def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
+                         temperature: float = 1.0, *, entropy: bool = True, values: bool = False,
+                         chunk: int = LOGIT_CHUNK):
+  """(log-probs [B, N] (not masked), entropy [B, N] or None, values [B, N] or None — an
+  actor-critic's, with `values=True`) of the response tokens at `temperature`.
+
+  A model with `hidden` / `head` methods (the built-in ones) runs its LM head on the response
+  positions only, `chunk` positions at a time (`lax.map`, each chunk rematerialized in the backward
+  pass), so no [B, N, vocab] float32 logits exist; any other model goes through its full logits.
+  """
+  model = as_policy(model)
+  tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+  cut = lambda x: x[:, prompt_ids.shape[1] - 1:-1]  # noqa: E731  columns predicting response tokens
+  stats = lambda logits, ids: (token_logprobs(logits, ids),  # noqa: E731
+                               entropy_from_logits(logits) if entropy else None)
+  if not hasattr(model, "head"):
+    out = model.apply({"params": params}, tokens, positions, mask)
+    lp, ent = stats(cut(logits_of(out)).astype(jnp.float32) / temperature, response_ids)
+    return lp, ent, cut(out[1]).astype(jnp.float32) if values else None
+  h = cut(model.apply({"params": params}, tokens, positions, mask, method="hidden"))
+  vals = model.apply({"params": params}, h, method="values") if values else None
+  (b, n), c = h.shape[:2], min(chunk, h.shape[1])
+  k = -(-n // c)  # chunks; the last one padded
+  split = lambda x: jnp.pad(x, [(0, 0), (0, k * c - n)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+      b, k, c, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(chunk_args):
+    hc, ids = chunk_args
+    hc = nn.with_logical_constraint(hc, ACTIVATIONS)
+    return stats(model.apply({"params": params}, hc, method="head").astype(jnp.float32) / temperature, ids)
+
+  lp, ent = jax.lax.map(one, (split(h), split(response_ids)))
+  join = lambda x: None if x is None else x.swapaxes(0, 1).reshape(b, k * c)[:, :n]  # noqa: E731
+  return join(lp), join(ent), vals
+
+
 def response_logprobs(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
                       temperature: float = 1.0):
   """Log-probabilities of the response tokens under the policy: [B, N] (0 where mask is 0)."""
-  logits = response_logits(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
-                           temperature)
-  return token_logprobs(logits, response_ids) * response_mask
+  return response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
+                              temperature, entropy=False)[0] * response_mask

@@ -28,6 +28,10 @@ import jax.numpy as jnp
 from rlhfjax.parallel import axes as ax
 
 Cache = dict[str, jax.Array]
+# Hidden states split over the batch only, d_model whole, under a mesh + logical-rules context (the
+# RL core's jitted functions trace in one; a no-op outside): GSPMD then gathers fsdp-sharded weights
+# instead of keeping activations partly replicated.
+ACTIVATIONS = (ax.BATCH, ax.LENGTH, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +283,7 @@ class Block(nn.Module):
     if cfg.post_norms:
       mlp_out = norm("post_mlp_norm")(mlp_out)
     x = x + mlp_out
-    return x, new_cache
+    return nn.with_logical_constraint(x, ACTIVATIONS), new_cache
 
 
 class Trunk(nn.Module):
@@ -314,7 +318,7 @@ class Trunk(nn.Module):
       x = jnp.take(self.embedding, tokens, axis=0) * jnp.sqrt(float(cfg.d_model))
     else:
       x = jnp.take(self.embedding, tokens, axis=0)
-    x = x.astype(cfg.compute_dtype)  # [batch, time, d_model]
+    x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), ACTIVATIONS)  # [batch, time, d_model]
     per_layer = ()
     if cfg.has_local_layers:
       per_layer = (jnp.asarray([t == "local" for t in cfg.layer_types]),)  # [layers] bool

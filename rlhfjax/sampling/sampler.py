@@ -9,11 +9,13 @@ no-cache forward pass. `SamplingConfig.model` is a policy module (`rlhfjax.model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -34,6 +36,7 @@ class SamplingConfig:
   top_k: int = 0  # keep the k most likely tokens; 0 = off
   top_p: float = 1.0  # nucleus sampling: smallest set with mass >= top_p; 1.0 = off
   greedy: bool = False  # argmax decoding (temperature, top_k, top_p ignored)
+  layout: Any = None  # (mesh, rules): traced in `layout(...)`, so the model's activations are batch-split
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -114,12 +117,25 @@ def _pick(logits, rng, config: SamplingConfig):
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+@contextlib.contextmanager
+def layout(mesh, rules):
+  """The mesh and logical-axis rules a jitted function is traced in for the logical constraints in
+  it (the model's batch-split activations) to take effect; outside one they are no-ops."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def generate(params, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
              config: SamplingConfig) -> SampleOutput:
   """Responses to left-padded prompts `prompt_ids` / `prompt_mask` [batch, prompt_len] (each row
   with a real token) from the policy `config.model` with `params`: `SampleOutput`, [batch,
   max_new_tokens] arrays. Raises `ValueError` if prompt + response exceed the model's `max_len`."""
+  with layout(*config.layout) if config.layout else contextlib.nullcontext():
+    return _generate(params, prompt_ids, prompt_mask, rng, config)
+
+
+def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> SampleOutput:
   model = as_policy(config.model)
   b, p = prompt_ids.shape
   n = config.max_new_tokens

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import optax
 
 from rlhfjax import rl
-from rlhfjax.models.sequence import (response_logits, response_logits_values, response_values,
-                                     token_logprobs)
+from rlhfjax.models.sequence import response_token_stats, response_values
+from rlhfjax.parallel import axes as ax
 from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.sampling import Rollout
+from rlhfjax.sampling.sampler import layout
 from rlhfjax.models.heads import transplant_trunk
 from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
                                  state_shardings)
@@ -88,6 +89,11 @@ class AlgoConfig:
   def separate_critic(self) -> bool:
     """A critic with its own parameters and optimizer (PPO without `shared_trunk`)."""
     return self.has_critic and not self.shared_trunk
+
+  @property
+  def uses_reference(self) -> bool:
+    """Whether the reference's log-probs can change the update (else its forward is skipped)."""
+    return self.kl_placement != "none" and bool(self.kl_coef or self.adaptive_kl)
 
   @property
   def kl_placement(self) -> str:
@@ -233,14 +239,14 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   """
   args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
   mask = rollout.response_mask.astype(jnp.float32)
-  if algo.shared_trunk:
-    logits, shared_values = response_logits_values(policy_params, models.actor_critic, *args, mask,
-                                                   temperature)
-  else:
-    logits = response_logits(policy_params, models.policy, *args, mask, temperature)
-  logprobs = token_logprobs(logits, rollout.response_ids) * mask
-  ref_logprobs = token_logprobs(response_logits(ref_params, models.policy, *args, mask, temperature),
-                                rollout.response_ids) * mask
+  model = models.actor_critic if algo.shared_trunk else models.policy
+  logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask, temperature,
+                                                          values=algo.shared_trunk)
+  logprobs = logprobs * mask
+  ref_logprobs = logprobs  # without a KL term the reference cannot matter: its forward is skipped
+  if algo.uses_reference:
+    ref_logprobs = response_token_stats(ref_params, models.policy, *args, mask, temperature,
+                                        entropy=False)[0] * mask
   kl = rl.kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
   seq_kl = kl.sum(axis=1)
 
@@ -286,7 +292,6 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
         jnp.where(sel > 0, sel * above_min, sel * below_max), mask)
   advantages = advantages * mask
 
-  entropy = rl.entropy_from_logits(logits)
   metrics = {
       "score_mean": scores.mean(), "score_std": scores.std(),
       "kl_seq_mean": seq_kl.mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
@@ -319,12 +324,10 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
   """Clipped surrogate (+ k3 KL to the reference when KL is in the loss, − entropy bonus; with
   `algo.shared_trunk`, + `vf_coef` × the clipped value loss from the same forward)."""
   mask = mb.response_mask
-  args = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask, temperature)
-  if algo.shared_trunk:
-    logits, values = response_logits_values(params, models.actor_critic, *args)
-  else:
-    logits, values = response_logits(params, models.policy, *args), None
-  logprobs = token_logprobs(logits, mb.response_ids)
+  logprobs, entropy, values = response_token_stats(
+      params, models.actor_critic if algo.shared_trunk else models.policy, mb.prompt_ids,
+      mb.prompt_mask, mb.response_ids, mask, temperature, entropy=bool(algo.entropy_coef),
+      values=algo.shared_trunk)
   agg = dict(aggregation=algo.aggregation, fixed_length=mask.shape[1])
   loss, metrics = rl.ppo_policy_loss(
       logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=algo.clip_eps,
@@ -335,7 +338,7 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
     loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
   if algo.entropy_coef:
-    loss = loss - algo.entropy_coef * rl.aggregate_loss(rl.entropy_from_logits(logits), mask, **agg)
+    loss = loss - algo.entropy_coef * rl.aggregate_loss(entropy, mask, **agg)
   metrics["policy_loss"] = loss
   if algo.shared_trunk:
     vloss, vmetrics = _value_loss(values, mb, algo)
@@ -431,7 +434,9 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
 
   def epoch(s: RLState, key):
     perm = jax.random.permutation(key, b)
-    shuffled = jax.tree.map(lambda x: x[perm].reshape(n_mb, algo.minibatch_size, *x.shape[1:]), exp)
+    # minibatches split over the batch axes (under `make_rl_update`'s layout), not replicated
+    shuffled = jax.tree.map(lambda x: nn.with_logical_constraint(
+        x[perm].reshape(n_mb, algo.minibatch_size, *x.shape[1:]), (None, ax.BATCH)), exp)
     return jax.lax.scan(minibatch_step, s, shuffled)
 
   state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, algo.epochs))
@@ -440,6 +445,33 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
   kl_state = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(seq_kl), new, old),
                           algo.kl_controller().update(state.kl, seq_kl, b), state.kl)
   return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics
+
+
+def traced_in_layout(fn, mesh, rules):
+  """`fn` traced under `mesh` and the logical `rules` (`sampling.layout`), so the logical
+  constraints in it (the model's batch-split activations, the update's minibatches) take effect."""
+  def traced(*args):
+    with layout(mesh, rules):
+      return fn(*args)
+  return traced
+
+
+@jax.jit
+def _response_width(mask):
+  return jnp.max(jnp.where(mask.any(0), jnp.arange(1, mask.shape[1] + 1), 0))
+
+
+def trim_rollout(rollout: Rollout, algo: AlgoConfig) -> Rollout:
+  """`rollout` with its response axis cut to the longest response rounded up to a power of two
+  (at least 16), so later forwards skip the padding and only a few widths are ever compiled (one
+  scalar comes to the host, the same on every process). Aggregation "fixed" divides by the width:
+  it keeps the full one."""
+  n = rollout.response_ids.shape[1]
+  width = min(n, max(16, 1 << (int(_response_width(rollout.response_mask)) - 1).bit_length()))
+  if algo.aggregation == "fixed" or width == n:
+    return rollout
+  return rollout.replace(response_ids=rollout.response_ids[:, :width],
+                         response_mask=rollout.response_mask[:, :width])
 
 
 def experience_shardings(mesh, rules):
@@ -452,6 +484,7 @@ def make_rl_update(algo: AlgoConfig, models: RLModels, policy_tx, value_tx, shar
   the per-minibatch gradient (the shard_map variant, `rl_shard_map.shard_map_grad_fn`)."""
   fn = lambda s, e, r: rl_update(s, e, r, algo=algo, models=models, policy_tx=policy_tx,  # noqa: E731
                                  value_tx=value_tx, temperature=temperature, grad_fn=grad_fn)
+  fn = fn if grad_fn else traced_in_layout(fn, mesh, rules)  # shard_map bodies see local shapes
   return jax.jit(fn, in_shardings=(shardings, experience_shardings(mesh, rules), replicated(mesh)),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
@@ -460,4 +493,5 @@ def make_experience_fn(algo: AlgoConfig, models: RLModels, mesh, rules, *, tempe
   """`jax.jit` of `make_experience`; experience comes out batch-sharded."""
   fn = lambda p, r, v, roll, s, k: make_experience(p, r, v, roll, s, k, algo=algo,  # noqa: E731
                                                    models=models, temperature=temperature)
-  return jax.jit(fn, out_shardings=(experience_shardings(mesh, rules), replicated(mesh)))
+  return jax.jit(traced_in_layout(fn, mesh, rules),
+                 out_shardings=(experience_shardings(mesh, rules), replicated(mesh)))
