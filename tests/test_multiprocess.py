@@ -1,5 +1,6 @@
 """Real multi-process runs: 2 processes on 127.0.0.1 (jax.distributed, gloo CPU collectives), 2 fake
-CPU devices each — global batches from process-local rows, checkpoints, and SFT through the CLI."""
+CPU devices each — global batches from process-local rows, checkpoints, and sft,rl through the CLI
+against one process over the same 4-device mesh."""
 
 import json
 import os
@@ -76,21 +77,58 @@ def test_global_batch_from_process_local_rows(tmp_path, cli):
   assert sorted(res[0]["epoch"] + res[1]["epoch"]) == list(range(20))
 
 
-def test_sft_through_the_cli_as_two_processes(tmp_path, cli):
-  work, addr = tmp_path / "run", f"127.0.0.1:{_free_port()}"
-  argv, env = cli(os.path.join(ROOT, "tests", "tiny.py"), work, "--config.stages=sft",
-                  "--config.sft.steps=4", "--config.sft.log_every=2", "--config.sft.checkpoint_every=2",
-                  f"--coordinator_address={addr}", "--num_processes=2", devices=2)
+def _load(path):
+  """A checkpoint's state as NumPy arrays (no mesh needed)."""
+  import orbax.checkpoint as ocp
+  from jax import tree
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path).item_metadata.tree
+  return ckptr.restore(path, restore_args=tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
+
+
+# sft,rl (GRPO; a length term so that advantages are not all zero) small enough for seconds a stage
+TINY_RL = ("--config.stages=sft,rl", "--config.sft.steps=2", "--config.sft.log_every=1",
+           "--config.sft.checkpoint_every=2", "--config.sft.eval_examples=0", "--config.data.num_train=64",
+           "--config.data.num_test=8", "--config.rl.group_size=2", "--config.rl.minibatch_size=8",
+           "--config.rl_loop.prompts_per_iter=4", "--config.rl_loop.iterations=3",
+           "--config.rl_loop.eval_examples=4", "--config.rl_loop.eval_samples=0",
+           "--config.rl_loop.checkpoint_every=1", "--config.eval.batch_size=4",
+           "--config.rl_reward=math:1,length:0.1")
+
+
+def test_sft_rl_through_the_cli_as_two_processes(tmp_path, cli):
+  import jax
+  work, ref, addr = tmp_path / "run", tmp_path / "ref", f"127.0.0.1:{_free_port()}"
+  config = os.path.join(ROOT, "tests", "tiny.py")
+  argv, env = cli(config, work, *TINY_RL, f"--coordinator_address={addr}", "--num_processes=2", devices=2)
+  ref_argv, ref_env = cli(config, ref, *TINY_RL, devices=4)  # one process, the same 4-device mesh
+  one = subprocess.Popen(ref_argv, env=ref_env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
   outs = _two_processes(lambda i: argv + [f"--process_id={i}"], env)
+  ref_out = one.communicate(timeout=240)[0]
   assert all(rc == 0 for rc, _ in outs), outs[0][1][-3000:] + outs[1][1][-3000:]
+  assert one.returncode == 0, ref_out[-3000:]
   # both processes computed the same global numbers (their summaries agree)
   summaries = [[l for l in out.splitlines() if "held-out" in l] for _, out in outs]
-  assert len(summaries[0]) == 3 and summaries[0] == summaries[1]
+  assert len(summaries[0]) == 6 and summaries[0] == summaries[1]
   rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
   # process 0 alone wrote: one line per log step and eval, one TensorBoard event file
-  assert [(r["stage"], r["step"]) for r in rows] == [("sft_eval", 0), ("sft", 2), ("sft", 4),
-                                                      ("sft_eval", 4)]
+  assert [(r["stage"], r["step"]) for r in rows] == [
+      ("sft_eval", 0), ("sft", 1), ("sft", 2), ("sft_eval", 2), ("rl_eval", 0), ("rl", 1), ("rl", 2),
+      ("rl", 3), ("rl_eval", 3)]
   assert len(os.listdir(work / "tb")) == 1
-  assert rows[-1]["heldout_loss"] < rows[0]["heldout_loss"]
-  assert sorted(os.listdir(work / "checkpoints" / "sft")) == ["2", "4"]
-  assert (work / "report.md").exists() and (work / "plots" / "sft.png").exists()
+  assert sorted(os.listdir(work / "checkpoints" / "rl")) == ["2", "3"]
+  assert (work / "report.md").exists() and (work / "results.json").exists()
+  # the host metrics are over all rows: they match the one-process run's
+  ref_rows = {(r["stage"], r["step"]): r for r in map(json.loads, open(ref / "metrics.jsonl"))}
+  for r in rows:
+    if r["stage"] == "rl":
+      for k in ("reward_mean", "reward_length", "think_mean_completion_words", "kl_seq_mean"):
+        np.testing.assert_allclose(r[k], ref_rows["rl", r["step"]][k], rtol=1e-5, atol=1e-5,
+                                   err_msg=k)
+  # the final RL parameters are those of one process over the same mesh, and they moved
+  got, want = (_load(str(w / "checkpoints" / "rl" / "3" / "state"))["policy"]["params"] for w in (work, ref))
+  sft = _load(str(work / "checkpoints" / "sft" / "2" / "state"))["params"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got, sft))
+  assert max(moved) > 3e-5  # 3 steps at lr 1e-4 (the two runs differ by ~6e-8)

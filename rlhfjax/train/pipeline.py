@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from rlhfjax.config import check_moved_keys, to_dataclass, to_json
+from rlhfjax.metrics import primary_only
 from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import create_mesh
 from rlhfjax.parallel.distributed import primary_first
@@ -181,7 +182,13 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                      f"{' ...' if len(diff) > 6 else ''} differ); use a new --workdir or delete it")
   stale = os.path.join(workdir, "tokenizer.model")
   if any(k.startswith(("tokenizer.", "data.")) for k in diff) and os.path.exists(stale):
-    os.remove(stale)
+    primary_only(os.remove)(stale)  # before process 0 trains the new one in `setup_run`
+
+
+def _write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)  # another process reading it sees the old file or the new
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -204,9 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory")
   os.makedirs(workdir, exist_ok=True)
-  check_resumable(config, workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(to_json(config))
+  check_resumable(config, workdir)  # every process reads; process 0 alone writes (atomically)
+  primary_only(_write)(os.path.join(workdir, "config.json"), to_json(config))
   with stop_on_signals():  # SIGINT/SIGTERM: checkpoint at the next step boundary, then stop
     run = setup_run(config, workdir)
     run.writer = writer = MetricsWriter(workdir)
@@ -215,8 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.results[stage] = run_stage(run, STAGES[stage](run))
     finally:
       writer.close()
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(run.results, f, indent=2, default=float)
+  primary_only(_write)(os.path.join(workdir, "results.json"), json.dumps(run.results, indent=2,
+                                                                         default=float))
   # replot config.stages' curves (those of earlier stages outside it are kept as they were);
   # write_report links every plots/*.png
   ran = {r["stage"] for r in read_metrics(workdir)}

@@ -5,7 +5,11 @@ One iteration (`RLStage.step`; `rlhfjax.train.stage` runs the loop around it):
     prompts -> sampling.generate -> decode -> scorer -> make_experience (jit) -> rl_update (jit)
 
 The only host round-trip is the decoded text for the `Scorer` (verifiers on text here,
-`config.rl_reward`; the reward model in the `ppo` subclass). Config sections: `rl` (`AlgoConfig`),
+`config.rl_reward`; the reward model in the `ppo` subclass). In a multi-process run every process
+reads the same global batch of prompts, takes its block (`process_rows`), decodes and scores only
+the rows it holds (`local_rows`) and assembles the scores with `shard_batch`; the host metrics are
+averaged over the processes (`process_mean`), so `check` decides the same on all of them and the
+run matches a one-process run over the same devices. Config sections: `rl` (`AlgoConfig`),
 `rl_optim`, `rl_sampling` (`RolloutConfig`), `rl_loop` (`RLLoopConfig`).
 """
 
@@ -16,7 +20,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhfjax import rl
@@ -24,9 +27,10 @@ from rlhfjax.config import to_dataclass
 from rlhfjax.data import DataIterator
 from rlhfjax.models.heads import PolicyModel, PolicyValueModel, ValueModel
 from rlhfjax.parallel import shard_batch
+from rlhfjax.parallel.distributed import local_rows, process_mean, process_rows
 from rlhfjax.sampling import Rollout, SamplingConfig, generate
 from rlhfjax.train.rl import (AlgoConfig, RLModels, RLOptimConfig, init_rl_state, make_experience_fn,
-                              make_rl_update, rl_state_shardings)
+                              make_rl_update, rl_state_shardings, trim_rollout)
 from rlhfjax.train.stage import Run, Stage, StopRun, register_stage, stage_params
 
 log = logging.getLogger("rlhfjax")
@@ -222,8 +226,9 @@ class RLStage(Stage):
     self.checkpoint_every, self.keep_checkpoints = loop.checkpoint_every, loop.keep_checkpoints
     self.models = self.make_models()
     self.policy_tx, self.value_tx = self.optim.optimizers(loop.iterations * self.algo.epochs)
-    self.data = DataIterator(run.train_examples, loop.prompts_per_iter // jax.process_count(),
-                             seed=run.seed + 17, collate=None)
+    # the global batch on every process (each takes its block): the same rows as with one process
+    self.data = DataIterator(run.train_examples, loop.prompts_per_iter, seed=run.seed + 17,
+                             collate=None, process_index=0, process_count=1)
     self.rng = jax.random.key(run.seed + 3)
     self.eval_rng = jax.random.key(run.seed + 4)
     self.kl_history: list = []  # KL(policy || reference) per iteration, nats per sequence
@@ -264,7 +269,8 @@ class RLStage(Stage):
     self.sampler = SamplingConfig(model=self.models.policy,
                                   max_new_tokens=s.max_new_tokens or run.config.data.max_response_len,
                                   eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
-                                  temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+                                  temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                  layout=(run.mesh, run.rules))  # activations batch-split
     self.experience_fn = make_experience_fn(algo, self.models, run.mesh, run.rules,
                                             temperature=s.temperature)
     if self.loop.update_variant == "shard_map":
@@ -288,32 +294,36 @@ class RLStage(Stage):
   def step(self, state, it):
     run, g = self.run, self.algo.group_size
     t0 = time.perf_counter()
-    examples = next(self.data)
+    examples = process_rows(next(self.data))
     group = [e for e in examples for _ in range(g)]  # contiguous groups per prompt
     ids, mask = run.tokenizer.encode_prompts([e["prompt"] for e in group],
                                              run.config.data.max_prompt_len)
     ids, mask = shard_batch((ids, mask), run.mesh, run.rules)
     it_rng = jax.random.fold_in(self.rng, it)
     out = generate(state.policy.params, ids, mask, it_rng, self.sampler)
-    tokens_host, mask_host = jax.device_get((out.tokens, out.mask))
+    tokens_host, mask_host = local_rows(out.tokens), local_rows(out.mask)
     t_sample = time.perf_counter()
-    texts = run.tokenizer.decode_batch(np.asarray(tokens_host), np.asarray(mask_host))
+    texts = run.tokenizer.decode_batch(tokens_host, mask_host)
     rollout = Rollout.from_sample(ids, mask, out)
     scores, score_metrics = self.scorer(texts, group, rollout)
+    scores = local_rows(scores) if isinstance(scores, jax.Array) else np.asarray(scores, np.float32)
     score_metrics["unscored_share"] = max([float(np.isnan(scores).mean())] + [
         v / len(texts) for k, v in score_metrics.items() if k.startswith("reward_nan_")])
     if self.loop.nan_reward == "mask":
       scores, valid = mask_unscored(scores, g)
       score_metrics["scored_fraction"] = float(valid.mean())
-      if not valid.all():
-        rollout = rollout.replace(response_mask=out.mask * jnp.asarray(valid, out.mask.dtype)[:, None])
+      valid = shard_batch(valid.astype(mask_host.dtype), run.mesh, run.rules)
+      rollout = rollout.replace(response_mask=out.mask * valid[:, None])  # on every process alike
     elif np.isnan(scores).any():  # a custom scorer broke the contract for "zero"
       scores = np.nan_to_num(scores, nan=0.0)
-    score_metrics.update(rollout_stats(texts, [e.get("answer") for e in group]))
+    score_metrics.update(rollout_stats(texts, [e.get("answer") for e in group]),
+                         reward_mean=float(np.mean(scores)))
+    score_metrics = process_mean(score_metrics, sum_prefixes=("reward_nan_",))
     t_score = time.perf_counter()
     value_params = state.value.params if self.algo.separate_critic else None
+    rollout = trim_rollout(rollout, self.algo)  # later forwards skip the responses' padding
     exp, exp_metrics = self.experience_fn(state.policy.params, self.ref_params, value_params, rollout,
-                                          jnp.asarray(scores), state.kl.value)
+                                          shard_batch(scores, run.mesh, run.rules), state.kl.value)
     state, upd_metrics = self.update_fn(state, exp, jax.random.fold_in(it_rng, 1))
     metrics = {**exp_metrics, **upd_metrics}
     if it % self.log_every == 0:  # time the update on logged iterations only: no sync in between
@@ -321,7 +331,7 @@ class RLStage(Stage):
     self.kl_history.append(metrics["kl_seq_mean"])  # a device scalar until a checkpoint reads it
     metrics.update(score_metrics)
     metrics.update(time_sample_s=t_sample - t0, time_score_s=t_score - t_sample,
-                   time_update_s=time.perf_counter() - t_score, reward_mean=float(np.mean(scores)))
+                   time_update_s=time.perf_counter() - t_score)
     if it % self.log_every == 0:
       run.writer.write_samples(self.name, it, [dict(prompt=group[0]["prompt"], completion=texts[0],
                                                     score=float(scores[0]))])

@@ -10,7 +10,8 @@ Robustness: a resume restores the newest checkpoint that restores
 (`Checkpointer.restore_latest_good`) and drops the metrics rows written after it
 (`MetricsWriter.rewind`). Inside `stop_on_signals()` (around setup and stages in
 `train_and_evaluate`) SIGINT/SIGTERM only set a flag; the loop reads it at step boundaries
-(`stop_requested`), checkpoints that step and raises `Interrupted`.
+(`stop_requested`; several processes agree on it at log boundaries), checkpoints that step and
+raises `Interrupted`.
 
 Adding a stage: subclass `Stage`, implement the hooks, `@register_stage("name")`, and import its
 module in `rlhfjax.train.pipeline.STAGE_MODULES`.
@@ -120,7 +121,8 @@ class Stage:
       self.data.set_state(host_state)
 
   def step(self, state, step: int) -> tuple[Any, dict, float | None]:
-    """One step `step` (1-based): (new state, metrics — device arrays welcome —, work units)."""
+    """One step `step` (1-based): (new state, metrics — device arrays welcome —, this process's
+    work units)."""
     raise NotImplementedError
 
   def check(self, step: int, metrics: dict) -> None:
@@ -218,9 +220,11 @@ def stop_on_signals():
 
 
 def stop_requested() -> int | None:
-  """The signal that asked the run to stop, if any: checked at step boundaries (the one place a
-  multi-host run has to agree on it)."""
-  return _received[0] if _received else None
+  """The signal that asked the run to stop, if any: checked at step boundaries. In a multi-process
+  run every process calls it at the same points and gets the same answer (a signal reaching any one
+  of them stops them all at that step)."""
+  from rlhfjax.parallel.distributed import process_max
+  return process_max(_received[0] if _received else 0) or None
 
 
 def _interrupted(name: str, signum: int, step: int | None, ckpt_dir: str) -> Interrupted:
@@ -286,8 +290,9 @@ def run_stage(run: Run, stage: Stage) -> dict:
         state, metrics, units = stage.step(state, step)
         pending.append(metrics)
         if units is not None:
-          speed.add(units)
-        signum = stop_requested()
+          speed.add(units * jax.process_count())  # units: this process's rows
+        # one process: every step; several agree at log boundaries, where the loop syncs anyway
+        signum = stop_requested() if jax.process_count() == 1 or step % stage.log_every == 0 else None
         save = (step % stage.checkpoint_every == 0 or signum) and step < total
         if step % stage.log_every == 0 or save or step == total:  # one transfer per interval
           host = jax.device_get(pending)
