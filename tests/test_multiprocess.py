@@ -4,9 +4,11 @@ against one process over the same 4-device mesh."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -90,7 +92,7 @@ def _load(path):
 TINY_RL = ("--config.stages=sft,rl", "--config.sft.steps=2", "--config.sft.log_every=1",
            "--config.sft.checkpoint_every=2", "--config.sft.eval_examples=0", "--config.data.num_train=64",
            "--config.data.num_test=8", "--config.rl.group_size=2", "--config.rl.minibatch_size=8",
-           "--config.rl_loop.prompts_per_iter=4", "--config.rl_loop.iterations=3",
+           "--config.rl_loop.prompts_per_iter=4", "--config.rl_loop.iterations=6",
            "--config.rl_loop.eval_examples=4", "--config.rl_loop.eval_samples=0",
            "--config.rl_loop.checkpoint_every=1", "--config.eval.batch_size=4",
            "--config.rl_reward=math:1,length:0.1")
@@ -114,10 +116,10 @@ def test_sft_rl_through_the_cli_as_two_processes(tmp_path, cli):
   rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
   # process 0 alone wrote: one line per log step and eval, one TensorBoard event file
   assert [(r["stage"], r["step"]) for r in rows] == [
-      ("sft_eval", 0), ("sft", 1), ("sft", 2), ("sft_eval", 2), ("rl_eval", 0), ("rl", 1), ("rl", 2),
-      ("rl", 3), ("rl_eval", 3)]
+      ("sft_eval", 0), ("sft", 1), ("sft", 2), ("sft_eval", 2), ("rl_eval", 0),
+      *[("rl", i) for i in range(1, 7)], ("rl_eval", 6)]
   assert len(os.listdir(work / "tb")) == 1
-  assert sorted(os.listdir(work / "checkpoints" / "rl")) == ["2", "3"]
+  assert sorted(os.listdir(work / "checkpoints" / "rl")) == ["5", "6"]
   assert (work / "report.md").exists() and (work / "results.json").exists()
   # the host metrics are over all rows: they match the one-process run's
   ref_rows = {(r["stage"], r["step"]): r for r in map(json.loads, open(ref / "metrics.jsonl"))}
@@ -127,8 +129,61 @@ def test_sft_rl_through_the_cli_as_two_processes(tmp_path, cli):
         np.testing.assert_allclose(r[k], ref_rows["rl", r["step"]][k], rtol=1e-5, atol=1e-5,
                                    err_msg=k)
   # the final RL parameters are those of one process over the same mesh, and they moved
-  got, want = (_load(str(w / "checkpoints" / "rl" / "3" / "state"))["policy"]["params"] for w in (work, ref))
+  got, want = (_load(str(w / "checkpoints" / "rl" / "6" / "state"))["policy"]["params"] for w in (work, ref))
   sft = _load(str(work / "checkpoints" / "sft" / "2" / "state"))["params"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got, sft))
-  assert max(moved) > 3e-5  # 3 steps at lr 1e-4 (the two runs differ by ~6e-8)
+  assert max(moved) > 3e-5  # 6 steps at lr 1e-4 (the two runs differ by ~6e-8)
+
+  # Preemption: SIGTERM to process 1 alone mid-RL -> both checkpoint the same step, say so in one
+  # line and exit 143; the re-run resumes, is killed -9 (process 1) mid-RL, both are restarted, and
+  # the run ends bit-identical to the uninterrupted two-process one.
+  pre, rl_dir = tmp_path / "preempted", tmp_path / "preempted" / "checkpoints" / "rl"
+
+  def launch(stop=None):
+    """Both processes; `stop(procs)` acts on them mid-run. Returns [(returncode, output)]."""
+    a = f"127.0.0.1:{_free_port()}"
+    argv_pre, _ = cli(config, pre, *TINY_RL, f"--coordinator_address={a}", "--num_processes=2", devices=2)
+    procs = [subprocess.Popen(argv_pre + [f"--process_id={i}"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+      if stop:
+        stop(procs)
+      return [(p.returncode, out) for p in procs for out, _ in [p.communicate(timeout=240)]]
+    finally:
+      for p in procs:
+        p.kill()
+
+  def wait_for(path, procs):
+    deadline = time.time() + 240
+    while not path.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+      time.sleep(0.005)
+    assert path.exists(), f"{path} never appeared"
+
+  def sigterm_one(procs):
+    wait_for(rl_dir / "1", procs)
+    procs[1].send_signal(signal.SIGTERM)
+
+  outs = launch(sigterm_one)
+  assert [rc for rc, _ in outs] == [143, 143], outs[0][1][-2000:] + outs[1][1][-2000:]
+  lines = [[l for l in out.splitlines() if "rl: stopped by SIGTERM; checkpoint" in l] for _, out in outs]
+  assert len(lines[0]) == 1 and len(lines[1]) == 1, outs[0][1][-2000:]
+  stopped = max(int(d) for d in os.listdir(rl_dir))
+  assert 1 < stopped < 5 and f"(step {stopped})" in lines[0][0] and f"(step {stopped})" in lines[1][0]
+
+  def kill9_one(procs):
+    wait_for(rl_dir / str(stopped + 1), procs)  # resumed, and trained past the stop
+    procs[1].send_signal(signal.SIGSTOP)  # freeze at once, then a real kill -9
+    os.kill(procs[1].pid, signal.SIGKILL)
+    time.sleep(1)
+    procs[0].kill()  # its peer is gone: a real preemption takes the whole slice down
+
+  outs = launch(kill9_one)
+  assert outs[1][0] == -signal.SIGKILL
+  assert max(int(d) for d in os.listdir(rl_dir)) < 6, "the run finished before it was killed"
+  outs = launch()
+  assert all(rc == 0 for rc, _ in outs), outs[0][1][-3000:] + outs[1][1][-3000:]
+  assert all("rl: resumed at step" in out for _, out in outs)
+  full, resumed = (_load(str(w / "checkpoints" / "rl" / "6" / "state")) for w in (work, pre))
+  jax.tree.map(np.testing.assert_array_equal, resumed, full)  # params, optimizer state, rng, KL state
