@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m rlhfjax.bench all
+
+# TRL GRPOTrainer / PPOTrainer and Tunix GRPOLearner vs `rlhfjax.bench rl_iteration` on the same work,
+# run alternately (benchmarks/peers/README.md); each peer gets benchmarks/peers/.venv-<name> on first use.
+# PEERS_ARGS, e.g. "--rounds=3 --iters=3 --peers=trl_grpo --workloads=default".
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/peers/run.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ TINY = ["--d_model=32", "--n_layers=1", "--vocab=64", "--batch=8", "--seq=16", "
 
 
 def test_benches_registered_in_one_place():
-  assert set(bench.BENCHES) == {"sample", "sft", "rl_step", "ppo_update", "rm_score"}
+  assert set(bench.BENCHES) == {"sample", "sft", "rl_step", "ppo_update", "rm_score", "rl_iteration"}
 
 
 def test_bench_all_tiny(capsys):

@@ -6,13 +6,14 @@
     python -m rlhfjax.bench rl_step --algo grpo          # seconds per RL iteration split by phase
     python -m rlhfjax.bench ppo_update --epochs=4 --minibatch=4 --variant=shard_map
     python -m rlhfjax.bench rm_score --ensemble=4
+    python -m rlhfjax.bench rl_iteration --algo=ppo     # the peer work (benchmarks/peers/); --long
 
 Every run first measures the matmul peak in the same process and reports achieved FLOP/s as a
 ratio of it (on a shared CPU absolute numbers move with the load, the ratio much less).
 
 `BENCHES` registers every bench (`all` runs them in order): `bench_x(*, peak, **flags) -> row dict`
 (`common.result`), ignoring flags it does not take. They live in lm.py (sample, sft), rl.py
-(rl_step, ppo_update) and rm.py (rm_score), which import only `common.py`; each module's docstring
+(rl_step, ppo_update, rl_iteration) and rm.py (rm_score), which import only `common.py`; each module's docstring
 says how its FLOPs are counted. Defaults suit a 2-core CPU; heavy imports happen inside functions.
 """
 
@@ -23,7 +24,7 @@ from typing import Callable
 
 from rlhfjax.bench.common import matmul_peak
 from rlhfjax.bench.lm import bench_sample, bench_sft
-from rlhfjax.bench.rl import bench_ppo_update, bench_rl_step
+from rlhfjax.bench.rl import bench_ppo_update, bench_rl_iteration, bench_rl_step
 from rlhfjax.bench.rm import bench_rm_score
 
 __all__ = ["BENCHES", "HEADER", "main", "matmul_peak", "memory_line", "peak_rows", "row"]
@@ -34,6 +35,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "rl_step": bench_rl_step,
     "ppo_update": bench_ppo_update,
     "rm_score": bench_rm_score,
+    "rl_iteration": bench_rl_iteration,  # last: its final line is s_per_iter_median=<seconds>
 }
 
 
@@ -67,14 +69,25 @@ def memory_line(r: dict) -> str | None:
       f"{k.replace('_size_in_bytes', '')}={v / 2**20:.1f} MiB" for k, v in r["memory"].items())
 
 
+def _vocab(s: str):
+  return int(s) if s.isdigit() else s
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m rlhfjax.bench",
                               description="rlhfjax throughput / MFU benchmarks (Markdown rows).")
   p.add_argument("which", choices=[*BENCHES, "all"], help="one bench, or all of them in order")
   p.add_argument("--d_model", type=int)
   p.add_argument("--n_layers", type=int)
-  p.add_argument("--vocab", type=int, help="vocabulary (rl_step: its own tokenizer's)")
+  p.add_argument("--vocab", type=_vocab, help="vocabulary (rl_step: its own tokenizer's; "
+                                              "rl_iteration: arith16, the peer work's 16 tokens)")
   p.add_argument("--batch", type=int, help="sequences (rl_step: prompts)")
+  p.add_argument("--n_heads", type=int, help="rl_iteration: attention heads (no GQA)")
+  p.add_argument("--prompts", type=int, help="rl_iteration: prompts per iteration")
+  p.add_argument("--max_new", type=int, help="rl_iteration: response budget (new tokens)")
+  p.add_argument("--long", action="store_true", default=None,
+                 help="rl_iteration: the long workload, 256 new tokens with EOS on")
+  p.add_argument("--warmup", type=int, help="rl_iteration: untimed warm-up iterations (default 1)")
   p.add_argument("--seq", type=int, help="sft, ppo_update, rm_score: sequence length")
   p.add_argument("--prompt", type=int, help="sample, ppo_update: prompt length")
   p.add_argument("--new_tokens", type=int, help="sample, rl_step: tokens generated per row")
@@ -85,8 +98,9 @@ def parser() -> argparse.ArgumentParser:
                  help="sft, ppo_update: rematerialize layers")
   p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
   p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "reinforce_pp", "best_of_n"],
-                 help="rl_step: the RL algorithm")
-  p.add_argument("--group", type=int, help="rl_step: samples per prompt (--batch = prompts)")
+                 help="rl_step: the RL algorithm (rl_iteration: grpo or ppo)")
+  p.add_argument("--group", type=int, help="rl_step, rl_iteration: samples per prompt "
+                                           "(rl_step: --batch = prompts)")
   p.add_argument("--epochs", type=int, help="rl_step, ppo_update: passes over the batch")
   p.add_argument("--minibatch", type=int, help="rl_step, ppo_update: rows per optimizer step "
                                                "(default: the whole batch)")

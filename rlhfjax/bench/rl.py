@@ -1,12 +1,16 @@
-"""RL benches: `rl_step` (one whole RL iteration, by phase) and `ppo_update` (the jitted PPO update).
+"""RL benches: `rl_step` (one whole RL iteration, by phase), `rl_iteration` (the same loop on the
+peer-benchmark work of `peer_work.py`, benchmarks/peers/) and `ppo_update` (the jitted PPO update).
 
-Both build the RL core as the `rl` / `ppo` stages do: `builtin_models`, `RLOptimConfig.optimizers`,
+All three build the RL core as the `rl` / `ppo` stages do: `builtin_models`, `RLOptimConfig.optimizers`,
 `init_rl_state`, `make_experience_fn`, `make_rl_update` (`make_rl_update_shard_map` with
 `--variant=shard_map`).
 
 FLOPs (analytic, `TransformerConfig.forward_flops_per_token`, 2 per multiply-add):
   * rl_step: the sample's (as `sample`) + one forward per model in make_experience (policy,
     reference, PPO's critic) + 3 x forward per trained model per epoch.
+  * rl_iteration: as it ran (decode steps, trimmed width): prefill + decode, the reference and
+    policy forwards in make_experience (+ PPO's critic and the reward model, no LM head), 3 x
+    forward per trained model per epoch.
   * ppo_update: per epoch 3 x forward for the policy (LM head included) and for the critic (no LM
     head) over all `batch x seq` tokens; optimizer and element-wise work not counted.
     make_experience is timed separately and reported on an extra line.
@@ -27,9 +31,10 @@ from rlhfjax.bench.common import (bench_model_config, compiled_memory, make_mesh
 
 
 def rl_core(algo, model_cfg, optim, total_steps: int, mesh, rules, *, variant: str = "jit",
-            temperature: float = 1.0):
+            temperature: float = 1.0, ref_key=None):
   """(state, reference params, jitted experience fn, jitted update) of the built-in transformer:
-  the policy from key 0 (the reference a copy of it), PPO's critic fresh."""
+  the policy from key 0 (the reference a copy of it, or freshly initialized from `ref_key`), PPO's
+  critic fresh."""
   import jax
   import jax.numpy as jnp
   from rlhfjax.models import init_params
@@ -46,10 +51,79 @@ def rl_core(algo, model_cfg, optim, total_steps: int, mesh, rules, *, variant: s
   _, shardings = rl_state_shardings(models, algo, ptx, vtx, mesh, rules)
   # A copy on the policy's shardings: the update donates the state, the reference must survive it.
   ref = jax.tree.map(jnp.copy, {k: v for k, v in state.policy.params.items() if k != "value_head"})
+  if ref_key is not None:
+    ref = jax.device_put(init_params(models.policy, ref_key), jax.tree.map(lambda x: x.sharding, ref))
   experience_fn = make_experience_fn(algo, models, mesh, rules, temperature=temperature)
   make = make_rl_update_shard_map if variant == "shard_map" else make_rl_update
   update_fn = make(algo, models, ptx, vtx, shardings, mesh, rules, temperature=temperature)
   return state, ref, experience_fn, update_fn
+
+
+PHASES = ("sample", "score", "experience", "update")
+
+
+def response_widths(n: int) -> list[int]:
+  """Every response width `trim_rollout` can cut an `n`-token budget to (16, 32, ... , n)."""
+  return sorted({min(n, max(16, 1 << k)) for k in range(4, max(4, (n - 1).bit_length()) + 1)})
+
+
+def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, batch, score,
+                   steps: int, *, warmup: int = 1, trim: bool = False):
+  """(state, per-iteration dicts, warm-up seconds) of `warmup` untimed then `steps` timed RL
+  iterations: sample -> score -> experience -> update, each blocked until ready, as `RLStage.step`.
+
+  `batch(i) -> (prompt ids, prompt mask, examples)` (host arrays); `score(tokens, mask, examples,
+  rollout) -> [B] scores` (host tokens / mask of the sample). With `trim`, the rollout's response
+  axis is cut to the longest response (`trim_rollout`) before the forwards, and the warm-up compiles
+  experience and update at every width trimming can give, so no timed iteration compiles.
+  Each dict: the phases' seconds, `total` (prompts encoded to update done), `width` (response
+  columns the forwards saw), `decoded` (decode steps the sampler ran) and `response_tokens`.
+  """
+  import jax
+  import numpy as np
+  from rlhfjax.parallel import shard_batch
+  from rlhfjax.sampling import Rollout, generate
+  from rlhfjax.train.rl import trim_rollout
+
+  def forwards(rollout, scores, i):
+    nonlocal state
+    vparams = state.value.params if cfg.separate_critic else None
+    exp, _ = jax.block_until_ready(experience_fn(state.policy.params, ref, vparams, rollout, scores,
+                                                 state.kl.value))
+    t = time.perf_counter()
+    state, _ = jax.block_until_ready(update_fn(state, exp, jax.random.key(100 + i)))
+    return t
+
+  def iteration(i: int, widths=()) -> dict:
+    ts = time.perf_counter()
+    ids, mask, exs = batch(i)
+    ids, mask = shard_batch((ids, mask), mesh, rules)
+    t0 = time.perf_counter()
+    out = generate(state.policy.params, ids, mask, jax.random.key(10 + i), sc)
+    tokens, resp_mask = jax.device_get((out.tokens, out.mask))
+    t1 = time.perf_counter()
+    rollout = Rollout.from_sample(ids, mask, out)
+    scores = jax.block_until_ready(score(tokens, resp_mask, exs, rollout))
+    t2 = time.perf_counter()
+    for w in widths:  # warm-up only: compile every width a timed iteration may trim to
+      forwards(rollout.replace(response_ids=rollout.response_ids[:, :w],
+                               response_mask=rollout.response_mask[:, :w]), scores, i)
+    if trim:
+      rollout = trim_rollout(rollout, cfg)
+    t3 = forwards(rollout, scores, i)
+    t4 = time.perf_counter()
+    lengths = np.asarray(resp_mask).sum(1)
+    return {"sample": t1 - t0, "score": t2 - t1, "experience": t3 - t2, "update": t4 - t3,
+            "total": t4 - ts, "width": int(rollout.response_ids.shape[1]),
+            "decoded": int(lengths.max()), "response_tokens": float(lengths.sum())}
+
+  t = time.perf_counter()
+  widths = response_widths(sc.max_new_tokens) if trim else ()
+  for i in range(warmup):  # compile + warm up
+    iteration(i, widths if i == 0 else ())
+  compile_s = time.perf_counter() - t
+  runs = [iteration(warmup + i) for i in range(steps)]
+  return state, runs, compile_s
 
 
 def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layers: int = 4,
@@ -65,13 +139,12 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
   import os
   import tempfile
 
-  import jax
   import jax.numpy as jnp
   import numpy as np
   from rlhfjax.data.arithmetic import ArithmeticConfig, generate_problems
-  from rlhfjax.parallel import axes, shard_batch
+  from rlhfjax.parallel import axes
   from rlhfjax.rewards import math_reward
-  from rlhfjax.sampling import Rollout, SamplingConfig, generate
+  from rlhfjax.sampling import SamplingConfig
   from rlhfjax.tokenizer import Tokenizer, template_texts, train_tokenizer
   from rlhfjax.train.rl import AlgoConfig, RLOptimConfig
 
@@ -92,32 +165,18 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
   state, ref, experience_fn, update_fn = rl_core(cfg, model, RLOptimConfig(), steps + 1, mesh, rules,
                                                  variant=variant, temperature=sc.temperature)
 
-  def iteration(i: int) -> dict:
-    nonlocal state
+  def prompts_of(i: int):
     exs = [problems[(i * batch + j) % len(problems)] for j in range(batch) for _ in range(group)]
     ids, mask = tok.encode_prompts([e["prompt"] for e in exs], prompt)
-    ids, mask = shard_batch((ids, mask), mesh, rules)
-    t0 = time.perf_counter()
-    out = generate(state.policy.params, ids, mask, jax.random.key(10 + i), sc)
-    tokens, resp_mask = jax.device_get((out.tokens, out.mask))
-    t1 = time.perf_counter()
-    texts = tok.decode_batch(np.asarray(tokens), np.asarray(resp_mask))
-    scores = jnp.asarray(math_reward(texts, [e["answer"] for e in exs]))
-    t2 = time.perf_counter()
-    vparams = state.value.params if cfg.separate_critic else None
-    exp, _ = jax.block_until_ready(experience_fn(state.policy.params, ref, vparams,
-                                                 Rollout.from_sample(ids, mask, out), scores,
-                                                 state.kl.value))
-    t3 = time.perf_counter()
-    state, _ = jax.block_until_ready(update_fn(state, exp, jax.random.key(100 + i)))
-    t4 = time.perf_counter()
-    return {"sample": t1 - t0, "score": t2 - t1, "experience": t3 - t2, "update": t4 - t3}
+    return ids, mask, exs
 
-  t = time.perf_counter()
-  iteration(0)  # compile + warm up
-  compile_s = time.perf_counter() - t
-  runs = [iteration(i + 1) for i in range(steps)]
-  phases = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+  def score(tokens, resp_mask, exs, rollout):
+    texts = tok.decode_batch(np.asarray(tokens), np.asarray(resp_mask))
+    return jnp.asarray(math_reward(texts, [e["answer"] for e in exs]))
+
+  state, runs, compile_s = run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules,
+                                          prompts_of, score, steps)
+  phases = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   sec = sum(phases.values())
   seq = prompt + new_tokens
   n_models = 3 if cfg.has_critic else 2  # experience: policy + reference (+ critic) forwards
@@ -133,6 +192,139 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
                 params=model.num_params(), tokens_per_s=b * new_tokens / sec, flops_per_s=flops / sec,
                 peak=peak, dtype=dtype, step_s=sec, compile_s=compile_s, phases=phases,
                 lines=[f"rl_step ({algo}) seconds per iteration: {sec:.3f} s = {split}"])
+
+
+def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = None,
+                       n_layers: int | None = None, n_heads: int | None = None, vocab="arith16",
+                       prompts: int | None = None, group: int | None = None,
+                       max_new: int | None = None, steps: int = 5, warmup: int = 1,
+                       long: bool = False, devices: str = "one", **_) -> dict:
+  """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
+  the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
+
+  GRPO: `prompts` x `group` samples, the verifier reward, KL in the loss, one AdamW step on the
+  whole batch. PPO: `prompts` episodes scored by a reward model, a reference, critic and reward
+  model each initialized differently from the policy, 4 epochs x 4 minibatches. Unset flags take
+  the work's values (d256 L4 H4, 16-token vocabulary, 16 new tokens, EOS disabled); `long`: 256
+  new tokens with EOS on, the response axis trimmed as in `RLStage.step`. `vocab` is the work's
+  tokenizer, "arith16" (an int, as `all` may pass, is ignored as by rl_step). Compile excluded:
+  `warmup` untimed iterations first (with `long`, compiling every trimmed width).
+  """
+  import json
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rlhfjax.bench import peer_work as work
+  from rlhfjax.models.heads import RewardModel
+  from rlhfjax.models.init import init_params
+  from rlhfjax.models.transformer import TransformerConfig
+  from rlhfjax.parallel import axes, replicated
+  from rlhfjax.rewards.scorers import score as rm_score
+  from rlhfjax.sampling import SamplingConfig
+  from rlhfjax.train.rl import AlgoConfig, RLOptimConfig
+
+  if isinstance(vocab, str) and vocab != "arith16":
+    raise ValueError(f"rl_iteration: --vocab must be arith16 (the work's 16-token tokenizer), got {vocab!r}")
+  w = work.workload(algo, long)
+  d_model = d_model or w["d_model"]
+  n_layers = n_layers or w["n_layers"]
+  n_heads = n_heads or w["n_heads"]
+  prompts = prompts or w["prompts"]
+  group = group or w["group"]
+  max_new = max_new or w["max_new"]
+  if d_model % n_heads:
+    raise ValueError(f"rl_iteration: d_model={d_model} is not a multiple of n_heads={n_heads}")
+  p, v = work.PROMPT_LEN, len(work.VOCAB)
+  model = TransformerConfig(vocab_size=v, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                            n_kv_heads=n_heads, head_dim=d_model // n_heads,
+                            d_ff=w["d_ff"] * d_model // w["d_model"], max_len=p + max_new,
+                            rope_base=w["rope_theta"], norm_eps=w["rms_norm_eps"],
+                            tie_embeddings=w["tie_embeddings"], embed_scale=False, dtype=w["dtype"])
+  b = prompts * group
+  if algo == "grpo":
+    cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
+                     kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"])
+  else:
+    minibatch = b // w["minibatches"] if b >= w["minibatches"] else b
+    cfg = AlgoConfig(algo="ppo", group_size=1, epochs=w["epochs"], minibatch_size=minibatch,
+                     kl_coef=w["kl_coef"], kl_mode="reward", kl_estimator=w["kl_estimator"],
+                     lam=w["lam"], gamma=w["gamma"], missing_eos_penalty=w["missing_eos_penalty"],
+                     clip_eps=w["clip_eps"], value_clip=w["value_clip"])
+  optim = RLOptimConfig(learning_rate=w["learning_rate"], value_learning_rate=w["learning_rate"],
+                        warmup_steps=1, grad_clip=w["grad_clip"])
+  mesh, rules = make_mesh(devices), axes.DEFAULT_RULES
+  sc = SamplingConfig(model=model, max_new_tokens=max_new, eos_id=work.EOS_ID if w["eos"] else -1,
+                      pad_id=work.PAD_ID, temperature=w["temperature"], layout=(mesh, rules))
+  state, ref, experience_fn, update_fn = rl_core(
+      cfg, model, optim, 1000, mesh, rules, temperature=sc.temperature,
+      ref_key=jax.random.key(2) if algo == "ppo" else None)  # GRPO: the reference = the start policy
+  problems = work.problems(4096, seed=0)
+
+  def prompts_of(i: int):
+    exs = [problems[(i * prompts + j) % len(problems)] for j in range(prompts) for _ in range(group)]
+    ids = np.asarray([work.encode(q) for q, _ in exs], np.int32)
+    return ids, np.ones_like(ids), exs
+
+  if algo == "ppo":
+    rm_cfg = model  # the reward model: the policy's shape, a scalar head, its own initialization
+    rm_params = jax.device_put(init_params(RewardModel(rm_cfg), jax.random.key(3)), replicated(mesh))
+
+    def score(tokens, resp_mask, exs, rollout):
+      toks = jnp.concatenate([rollout.prompt_ids, rollout.response_ids], axis=1)
+      mask = jnp.concatenate([rollout.prompt_mask.astype(jnp.int32),
+                              rollout.response_mask.astype(jnp.int32)], axis=1)
+      return rm_score(rm_params, toks, mask, model_cfg=rm_cfg)
+  else:
+    def score(tokens, resp_mask, exs, rollout):
+      texts = [work.decode(t[m > 0]) for t, m in zip(np.asarray(tokens), np.asarray(resp_mask))]
+      return jnp.asarray([work.reward(t, a) for t, (_, a) in zip(texts, exs)], jnp.float32)
+
+  state, runs, compile_s = run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules,
+                                          prompts_of, score, steps, warmup=warmup, trim=True)
+  # On a shared CPU one peak measurement can land in a load spike: measure again, use the larger.
+  again = matmul_peak(peak.get("n"))
+  peak = {k: (max(x, again.get(k, 0.0)) if isinstance(x, float) else x) for k, x in peak.items()}
+
+  def flops(r: dict) -> float:
+    """Analytic matmul FLOPs of one iteration as it ran (decode steps, trimmed width)."""
+    n, wd = r["decoded"], r["width"]
+    seq, full = p + wd, p + max_new
+    fwd = model.forward_flops_per_token
+    out = b * p * fwd(p) + b * n * fwd(2 * p + n)  # prefill + decode (every row, every step)
+    models = 2  # experience: policy (old log-probs) + reference
+    trained = fwd(seq)
+    if algo == "ppo":
+      out += b * full * fwd(full, lm_head=False)  # reward model on the untrimmed rollout
+      out += b * seq * fwd(seq, lm_head=False)  # critic in make_experience
+      trained += fwd(seq, lm_head=False)
+    out += models * b * seq * fwd(seq) + cfg.epochs * 3 * b * seq * trained
+    return float(out)
+
+  totals = [r["total"] for r in runs]
+  sec = statistics.median(totals)
+  phases = {k: statistics.median(r[k] for r in runs) for k in PHASES}
+  fl = statistics.median(flops(r) for r in runs)
+  peak_v = peak_for(peak, "float32")
+  split = ", ".join(f"{k} {x:.3f} s ({100 * x / sum(phases.values()):.0f}%)" for k, x in phases.items())
+  name = f"{algo}{' long' if long else ''}"
+  lines = [f"rl_iteration ({name}) seconds per iteration (median of {steps}): {sec:.3f} s; phase "
+           f"medians: {split}",
+           f"rl_iteration ({name}): analytic {fl / 1e9:.3g} GFLOP per iteration = "
+           f"{fl / sec / 1e9:.3g} GFLOP/s = {100 * fl / sec / peak_v:.1f}% of the matmul peak "
+           f"({peak_v / 1e9:.3g} GFLOP/s, the larger of two measurements in this run); response "
+           f"tokens per iteration {statistics.median(r['response_tokens'] for r in runs):.0f}, "
+           f"decode steps {statistics.median(r['decoded'] for r in runs):.0f}, trimmed width "
+           f"{statistics.median(r['width'] for r in runs):.0f}",
+           "iterations=" + json.dumps([{k: round(x, 5) if isinstance(x, float) else x
+                                        for k, x in r.items()} for r in runs]),
+           f"s_per_iter_median={sec:.6f}"]
+  config = (f"{algo} d{d_model} L{n_layers} H{n_heads} V{v} {prompts}x{group} P{p}+{max_new}"
+            f"{' eos' if w['eos'] else ''} float32")
+  return result("rl_iteration", config, params=model.num_params() + model.d_model * v,
+                tokens_per_s=statistics.median(r["response_tokens"] for r in runs) / sec,
+                flops_per_s=fl / sec, peak=peak, dtype="float32", step_s=sec, compile_s=compile_s,
+                phases=phases, iterations=runs, lines=lines, s_per_iter_median=sec)
 
 
 def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int = 8192,
