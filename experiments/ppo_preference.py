@@ -27,6 +27,18 @@ def ppo_stage_config() -> ml_collections.ConfigDict:
   p.value_init = "rm"  # critic trunk from the reward model ("rm", lm-human-preferences) or "sft"
   p.gold_eval_prompts = 256  # held-out prompts for the gold / proxy eval (0 = off)
   p.samples_table = 16  # held-out rows (prompt, response, gold, proxy) in samples.jsonl
+  p.rl_seed = 0  # re-seeds only the RL loop (prompt order, sampling, value head); 0 = config.seed
+  p.eval_kl = False  # the held-out eval also logs KL(policy || SFT) of its samples (kl_seq_mean)
+  # Early stopping on a gold-free signal: "" (off) | "rm_std" (RM-ensemble disagreement on the
+  # rollout rising; needs rm.ensemble_size > 1) | "label_agreement" (the RM's agreement with fresh
+  # labeler comparisons of policy vs SFT samples falling). Stop once `early_stop_patience` readings
+  # in a row are past early_stop_factor x the mean of the first `early_stop_baseline` readings.
+  p.early_stop = ""
+  p.early_stop_factor = 2.0  # > 1 for rm_std (rises), in (0, 1) for label_agreement (falls)
+  p.early_stop_baseline = 5  # readings averaged into the baseline
+  p.early_stop_patience = 2  # readings in a row past the threshold before stopping
+  p.early_stop_every = 1  # iterations between readings
+  p.early_stop_labels = 32  # label_agreement: fresh comparisons asked per reading
   return p
 
 
