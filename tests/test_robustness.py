@@ -46,24 +46,32 @@ def _wait_for(path, proc, timeout=300):
   assert proc.poll() is None, f"exited with {proc.returncode} before {path} appeared"
 
 
+def _signal_frozen(proc, signum):
+  """`signum` delivered to a stopped `proc` (SIGSTOP at once, then the signal, then SIGCONT): on a
+  loaded machine the tiny run must not race on to its last step before the signal lands."""
+  proc.send_signal(signal.SIGSTOP)
+  proc.send_signal(signum)
+  proc.send_signal(signal.SIGCONT)
+
+
 def _steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints", "sft")) if d.isdigit())
 
 
 def test_sigterm_sigint_checkpoint_then_resume_past_a_truncated_checkpoint(tmp_path, cli):
   work = tmp_path / "run"
-  cmd, env = cli(TINY, work, "--config.sft.steps=200", "--config.sft.checkpoint_every=4",
+  cmd, env = cli(TINY, work, "--config.sft.steps=300", "--config.sft.checkpoint_every=4",
                  "--config.sft.log_every=4", "--config.sft.eval_examples=0")
   ckpts = work / "checkpoints" / "sft"
   # SIGTERM once step 4 is saved: the current step finishes, is checkpointed, one line says how to resume
   with open(tmp_path / "err1", "w") as err:
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     _wait_for(ckpts / "4", proc)
-    proc.send_signal(signal.SIGTERM)
+    _signal_frozen(proc, signal.SIGTERM)
     assert proc.wait(timeout=300) == 143
   line = (tmp_path / "err1").read_text().strip().splitlines()[-1]
   k = _steps(work)[-1]
-  assert 4 < k < 200
+  assert 4 < k < 300
   assert f"sft: stopped by SIGTERM; checkpoint {ckpts / str(k)} (step {k}); resume: python -m " \
       "rlhfjax.main --config=" in line and f"--workdir={work}" in line, line
 
@@ -74,7 +82,7 @@ def test_sigterm_sigint_checkpoint_then_resume_past_a_truncated_checkpoint(tmp_p
   with open(tmp_path / "err2", "w") as err:
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     _wait_for(ckpts / str(prev + 8), proc)
-    proc.send_signal(signal.SIGINT)
+    _signal_frozen(proc, signal.SIGINT)
     assert proc.wait(timeout=300) == 130
   err2 = (tmp_path / "err2").read_text()
   warnings = [l for l in err2.splitlines() if "does not restore" in l]
@@ -86,11 +94,11 @@ def test_sigterm_sigint_checkpoint_then_resume_past_a_truncated_checkpoint(tmp_p
   # The third run finishes; every logged step appears exactly once.
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert k2 > prev + 8 and "sft step 200/200" in out.stderr  # the plain progress line (no TTY)
+  assert k2 > prev + 8 and "sft step 300/300" in out.stderr  # the plain progress line (no TTY)
   steps = [r["step"] for r in read_metrics(work, "sft")]  # every 4 and each interrupted step
   # strictly increasing: a row left from after the fallback's step would repeat or go back
-  assert steps == sorted(set(steps)) and steps[-1] == 200 and {k2, 196} <= set(steps), steps
-  assert [r["step"] for r in read_metrics(work, "sft_eval")] == [0, 200]
+  assert steps == sorted(set(steps)) and steps[-1] == 300 and {k2, 296} <= set(steps), steps
+  assert [r["step"] for r in read_metrics(work, "sft_eval")] == [0, 300]
 
 
 def test_bad_input_is_one_line_on_stderr(tmp_path, cli):
