@@ -132,9 +132,9 @@ def kill9():
 
 # The end-to-end and multi-device files, longest first: started first, so that the two xdist workers
 # finish together instead of one starting a five-minute test at the end.
-LONGEST_FIRST = ("test_ppo_stage", "test_pipeline", "test_reward_pipeline", "test_bench",
+LONGEST_FIRST = ("test_multiprocess", "test_ppo_stage", "test_pipeline", "test_reward_pipeline", "test_bench",
                  "test_rl_shard_map", "test_rl_stage", "test_reward_step", "test_rl_update",
-                 "test_robustness", "test_multiprocess", "test_dpo", "test_sweep", "test_plan",
+                 "test_robustness", "test_dpo", "test_sweep", "test_plan",
                  "test_shared_trunk", "test_sft_sharding", "test_hf_e2e", "test_models", "test_humaneval")
 
 

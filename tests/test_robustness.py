@@ -46,6 +46,13 @@ def _wait_for(path, proc, timeout=300):
   assert proc.poll() is None, f"exited with {proc.returncode} before {path} appeared"
 
 
+def _default_signals():
+  """The child starts as from a shell: a pytest-xdist worker may hold SIGINT ignored, and an
+  ignored signal is inherited (and, as under nohup, rightly left ignored by the run)."""
+  for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, signal.SIG_DFL)
+
+
 def _signal_frozen(proc, signum):
   """`signum` delivered to a stopped `proc` (SIGSTOP at once, then the signal, then SIGCONT): on a
   loaded machine the tiny run must not race on to its last step before the signal lands."""
@@ -65,7 +72,8 @@ def test_sigterm_sigint_checkpoint_then_resume_past_a_truncated_checkpoint(tmp_p
   ckpts = work / "checkpoints" / "sft"
   # SIGTERM once step 4 is saved: the current step finishes, is checkpointed, one line says how to resume
   with open(tmp_path / "err1", "w") as err:
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                            preexec_fn=_default_signals)
     _wait_for(ckpts / "4", proc)
     _signal_frozen(proc, signal.SIGTERM)
     assert proc.wait(timeout=300) == 143
@@ -80,7 +88,8 @@ def test_sigterm_sigint_checkpoint_then_resume_past_a_truncated_checkpoint(tmp_p
   prev = _steps(work)[-2]
   _truncate_state(ckpts / str(k))
   with open(tmp_path / "err2", "w") as err:
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                            preexec_fn=_default_signals)
     _wait_for(ckpts / str(prev + 8), proc)
     _signal_frozen(proc, signal.SIGINT)
     assert proc.wait(timeout=300) == 130
