@@ -331,9 +331,10 @@ def main(argv=None) -> int:
     json.dump({"runs": [{k: v for k, v in r.items() if k not in ("train",)} for r in runs],
                "times": times, "total_s": total, **extra}, f, indent=1, default=float)
   plot(runs, os.path.join(w, "hacking.png"), extra["best_gold_any_run"])
-  if args.figure:
+  figure = os.path.join(w, "hacking.png")
+  if args.figure and os.path.abspath(args.figure) != os.path.abspath(figure):
     os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
-    shutil.copy2(os.path.join(w, "hacking.png"), args.figure)
+    shutil.copy2(figure, args.figure)
   print(text, flush=True)
   return 0
 
