@@ -30,11 +30,12 @@ def test_state_bytes_are_the_hand_count_over_the_shards(tiny_plan):
   assert r["optimizer"] == 2 * r["params"] + 8  # AdamW mu and nu, its step count and the schedule's
   assert r["critic"] == r["reward_model"] == 0  # GRPO: no critic; the rl stage: no reward model
   # XLA's own count of the update's inputs: the state, the experience the GRPO loss reads (B=8:
-  # one row per device of 2 prompt and 5 response fields, 4-byte dtypes; old_values and returns
-  # are unused and jit drops them) and 5 scalars (the step, the state's key, the KL coefficient,
-  # the iteration, the update's key)
+  # one row per device of 2 prompt and 4 response fields, 4-byte dtypes; old_values and returns
+  # are unused, and so are old_logprobs on-policy (one epoch, one minibatch): jit drops them) and
+  # 5 scalars (the step, the state's key, the KL coefficient, the iteration, the update's key)
   upd = r["programs"]["rl_update"]
-  experience = 4 * (2 * c.data.max_prompt_len + 5 * c.data.max_response_len)
+  assert c.rl.epochs == 1 and c.rl.minibatch_size == c.rl_loop.prompts_per_iter * c.rl.group_size
+  experience = 4 * (2 * c.data.max_prompt_len + 4 * c.data.max_response_len)
   assert upd["argument"] == r["params"] + r["optimizer"] + experience + 4 + 8 + 4 + 4 + 8
   assert upd["alias"] >= r["params"] + r["optimizer"]  # the donated state is updated in place
   assert set(r["programs"]) == {"sampler", "make_experience", "rl_update"}

@@ -6,11 +6,12 @@ All three build the RL core as the `rl` / `ppo` stages do: `builtin_models`, `RL
 `--variant=shard_map`).
 
 FLOPs (analytic, `TransformerConfig.forward_flops_per_token`, 2 per multiply-add):
-  * rl_step: the sample's (as `sample`) + one forward per model in make_experience (policy,
-    reference, PPO's critic) + 3 x forward per trained model per epoch.
-  * rl_iteration: as it ran (decode steps, trimmed width): prefill + decode, the reference and
-    policy forwards in make_experience (+ PPO's critic and the reward model, no LM head), 3 x
+  * rl_step: the sample's (as `sample`) + one forward per model make_experience runs (the
+    policy unless `AlgoConfig.on_policy`, the reference with a KL term, PPO's critic) + 3 x
     forward per trained model per epoch.
+  * rl_iteration: as it ran (decode steps, trimmed width): prefill + decode, the forwards
+    make_experience runs (as rl_step; + the reward model, no LM head), 3 x forward per trained
+    model per epoch.
   * ppo_update: per epoch 3 x forward for the policy (LM head included) and for the critic (no LM
     head) over all `batch x seq` tokens; optimizer and element-wise work not counted.
     make_experience is timed separately and reported on an extra line.
@@ -179,11 +180,12 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
   phases = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   sec = sum(phases.values())
   seq = prompt + new_tokens
-  n_models = 3 if cfg.has_critic else 2  # experience: policy + reference (+ critic) forwards
+  # experience: the policy (unless on-policy), the reference (with a KL term), the critic (PPO)
+  n_models = (not cfg.on_policy(b)) + cfg.uses_reference + cfg.has_critic
   flops = (b * prompt * model.forward_flops_per_token(prompt)
            + b * new_tokens * model.forward_flops_per_token(2 * prompt + new_tokens)
            + n_models * b * seq * model.forward_flops_per_token(seq)
-           + cfg.epochs * 3 * (n_models - 1) * b * seq * model.forward_flops_per_token(seq))
+           + cfg.epochs * 3 * (1 + cfg.has_critic) * b * seq * model.forward_flops_per_token(seq))
   split = ", ".join(f"{k} {v:.3f} s ({100 * v / sec:.0f}%)" for k, v in phases.items())
   extra = "".join([f" E{epochs}" if epochs != 1 else "", f" mb{minibatch}" if minibatch else "",
                    f" {variant}" if variant != "jit" else ""])
@@ -292,7 +294,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     seq, full = p + wd, p + max_new
     fwd = model.forward_flops_per_token
     out = b * p * fwd(p) + b * n * fwd(2 * p + n)  # prefill + decode (every row, every step)
-    models = 2  # experience: policy (old log-probs) + reference
+    models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
     trained = fwd(seq)
     if algo == "ppo":
       out += b * full * fwd(full, lm_head=False)  # reward model on the untrimmed rollout

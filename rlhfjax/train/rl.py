@@ -67,6 +67,7 @@ class AlgoConfig:
   missing_eos_penalty: float = 0.0  # added to the score of responses that never emit EOS (e.g. -1)
   shared_trunk: bool = False  # PPO: one trunk with LM + value heads, one optimizer (else separate critic)
   vf_coef: float = 0.1  # value-loss weight in the joint loss when shared_trunk (PPO paper's c1)
+  reuse_logprobs: bool = True  # one epoch over one minibatch: the update's own forward gives the old log-probs (see `on_policy`)
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -94,6 +95,14 @@ class AlgoConfig:
   def uses_reference(self) -> bool:
     """Whether the reference's log-probs can change the update (else its forward is skipped)."""
     return self.kl_placement != "none" and bool(self.kl_coef or self.adaptive_kl)
+
+  def on_policy(self, batch: int) -> bool:
+    """Whether the behaviour log-probs of a `batch`-row rollout are the update's own, under
+    `stop_gradient` (TRL and Tunix at mu = 1): one epoch over one minibatch updates from the
+    sampler's parameters, and nothing before the update reads the log-probs (no KL in the reward,
+    no shared-trunk values), so `make_experience` skips the policy forward."""
+    return (self.reuse_logprobs and self.epochs == 1 and self.minibatch_size == batch
+            and not self.shared_trunk and not (self.kl_placement == "reward" and self.uses_reference))
 
   @property
   def kl_placement(self) -> str:
@@ -169,7 +178,7 @@ class Experience:
   prompt_mask: jax.Array  # [B, P]
   response_ids: jax.Array  # [B, N]
   response_mask: jax.Array  # [B, N] float32
-  old_logprobs: jax.Array  # [B, N] behaviour policy (recomputed, not the sampler's)
+  old_logprobs: jax.Array  # [B, N] behaviour policy (recomputed, not the sampler's; 0 when `algo.on_policy(B)`)
   ref_logprobs: jax.Array  # [B, N] frozen reference
   old_values: jax.Array  # [B, N] critic at collection (0 without a critic)
   advantages: jax.Array  # [B, N]
@@ -236,18 +245,26 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
 
   `value_params` is the separate critic's (PPO only; with `shared_trunk` the values come from
   `policy_params`' value head in the same forward as the log-probs).
+
+  When `algo.on_policy(B)` the policy forward is skipped: `old_logprobs` are zeros (the update
+  reads its own), and the `kl_seq_mean` / `entropy` metrics come from the update.
   """
   args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
   mask = rollout.response_mask.astype(jnp.float32)
+  on_policy = algo.on_policy(mask.shape[0])
   model = models.actor_critic if algo.shared_trunk else models.policy
-  logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask, temperature,
-                                                          values=algo.shared_trunk)
-  logprobs = logprobs * mask
+  zeros = jnp.zeros_like(mask)
+  logprobs = zeros
+  if not on_policy:
+    logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask,
+                                                            temperature, values=algo.shared_trunk)
+    logprobs = logprobs * mask
   ref_logprobs = logprobs  # without a KL term the reference cannot matter: its forward is skipped
   if algo.uses_reference:
     ref_logprobs = response_token_stats(ref_params, models.policy, *args, mask, temperature,
                                         entropy=False)[0] * mask
-  kl = rl.kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
+  # on-policy, the KL is in the loss or nowhere: the reward's beta below is 0 and the update logs it
+  kl = zeros if on_policy else rl.kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
   seq_kl = kl.sum(axis=1)
 
   scores = scores.astype(jnp.float32)
@@ -259,7 +276,6 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   last = last_token_onehot(mask)
   token_rewards = scores[:, None] * last - beta * kl
 
-  zeros = jnp.zeros_like(mask)
   values, returns = zeros, zeros
   g = algo.group_size
   if algo.algo == "ppo":
@@ -294,11 +310,12 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
 
   metrics = {
       "score_mean": scores.mean(), "score_std": scores.std(),
-      "kl_seq_mean": seq_kl.mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
-      "entropy": rl.masked_mean(entropy, mask), "response_length": mask.sum(1).mean(),
+      "kl_coef": jnp.asarray(kl_coef, jnp.float32), "response_length": mask.sum(1).mean(),
       "eos_rate": finished.mean(), "advantage_mean": rl.masked_mean(advantages, mask),
       "advantage_abs_mean": rl.masked_mean(jnp.abs(advantages), mask),
   }
+  if not on_policy:
+    metrics.update(kl_seq_mean=seq_kl.mean(), entropy=rl.masked_mean(entropy, mask))
   if algo.algo == "ppo":
     metrics["value_mean"] = rl.masked_mean(values, mask)
     metrics["return_mean"] = rl.masked_mean(returns, mask)
@@ -320,20 +337,33 @@ def _units(mask, aggregation: str):
 
 
 def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RLModels,
-                temperature: float = 1.0):
+                temperature: float = 1.0, on_policy: bool = False):
   """Clipped surrogate (+ k3 KL to the reference when KL is in the loss, − entropy bonus; with
-  `algo.shared_trunk`, + `vf_coef` × the clipped value loss from the same forward)."""
+  `algo.shared_trunk`, + `vf_coef` × the clipped value loss from the same forward).
+
+  `on_policy` (`algo.on_policy`): the old log-probs are `stop_gradient` of this forward's, and the
+  metrics carry the rollout's KL and entropy as sums per `_units` (`kl_sum_per_unit`,
+  `entropy_sum_per_unit`), which the unit-weighted accumulation over micro-batches and devices
+  turns into whole-batch sums per unit (`rl_update` reads them)."""
   mask = mb.response_mask
   logprobs, entropy, values = response_token_stats(
       params, models.actor_critic if algo.shared_trunk else models.policy, mb.prompt_ids,
-      mb.prompt_mask, mb.response_ids, mask, temperature, entropy=bool(algo.entropy_coef),
-      values=algo.shared_trunk)
+      mb.prompt_mask, mb.response_ids, mask, temperature,
+      entropy=bool(algo.entropy_coef) or on_policy, values=algo.shared_trunk)
+  old, ref = mb.old_logprobs, mb.ref_logprobs
+  if on_policy:
+    old = jax.lax.stop_gradient(logprobs) * mask
+    ref = ref if algo.uses_reference else old
   agg = dict(aggregation=algo.aggregation, fixed_length=mask.shape[1])
   loss, metrics = rl.ppo_policy_loss(
-      logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=algo.clip_eps,
+      logprobs, old, mb.advantages, mask, clip_eps=algo.clip_eps,
       clip_eps_high=algo.clip_eps_high or None, dual_clip=algo.dual_clip or None, **agg)
+  if on_policy:
+    units = jnp.maximum(_units(mask, algo.aggregation), 1e-30)
+    metrics["kl_sum_per_unit"] = (rl.kl_estimate(old, ref, "k1") * mask).sum() / units
+    metrics["entropy_sum_per_unit"] = jax.lax.stop_gradient(entropy * mask).sum() / units
   if algo.kl_placement == "loss":
-    kl = rl.kl_estimate(logprobs, mb.ref_logprobs, "k3")
+    kl = rl.kl_estimate(logprobs, ref, "k3")
     kl_loss = rl.aggregate_loss(kl, mask, **agg)
     loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
@@ -387,12 +417,12 @@ def _apply(ts: TrainState, grads, tx):
 
 
 def minibatch_grads(state: RLState, mb: Experience, *, algo: AlgoConfig, models: RLModels,
-                    temperature: float = 1.0):
+                    temperature: float = 1.0, on_policy: bool = False):
   """(policy grads, value grads or None, metrics) of one minibatch."""
   n_micro = mb.response_ids.shape[0] // algo.microbatch_size if algo.microbatch_size else 1
   units = _units(mb.response_mask, algo.aggregation)
   pl = lambda p, m: policy_loss(p, m, state.kl.value, algo=algo, models=models,  # noqa: E731
-                                temperature=temperature)
+                                temperature=temperature, on_policy=on_policy)
   pgrads, metrics = _accumulate(pl, state.policy.params, mb, n_micro, units, algo.aggregation)
   vgrads = None
   if algo.separate_critic:
@@ -408,19 +438,22 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
   A minibatch step whose loss or gradients are not finite is skipped (`update_skipped`: the share
   of skipped steps), as is the KL step on a non-finite KL: no host round-trip decides it.
 
-  `grad_fn(state, minibatch) -> (policy grads, value grads, metrics)` defaults to
+  `grad_fn(state, minibatch, on_policy) -> (policy grads, value grads, metrics)` defaults to
   `minibatch_grads`; the shard_map data-parallel variant passes one that `psum`s over devices.
+  With `algo.on_policy(B)` the old log-probs are the update's own and so are the KL the
+  controller steps on and the `kl_seq_mean` / `entropy` metrics.
   """
-  grad_fn = grad_fn or (lambda s, mb: minibatch_grads(s, mb, algo=algo, models=models,
-                                                      temperature=temperature))
+  grad_fn = grad_fn or (lambda s, mb, on_policy: minibatch_grads(
+      s, mb, algo=algo, models=models, temperature=temperature, on_policy=on_policy))
   b = exp.response_ids.shape[0]
   if b % algo.minibatch_size:
     raise ValueError(f"rollout batch {b} (prompts_per_iter x group_size) is not a multiple of "
                      f"rl.minibatch_size={algo.minibatch_size}")
   n_mb = b // algo.minibatch_size
+  on_policy = algo.on_policy(b)
 
   def minibatch_step(s: RLState, mb: Experience):
-    pgrads, vgrads, metrics = grad_fn(s, mb)
+    pgrads, vgrads, metrics = grad_fn(s, mb, on_policy)
     policy, metrics["policy_grad_norm"] = _apply(s.policy, pgrads, policy_tx)
     value = s.value
     if algo.separate_critic:
@@ -441,7 +474,13 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
 
   state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, algo.epochs))
   metrics = jax.tree.map(jnp.mean, metrics)
-  seq_kl = rl.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1").sum(1).mean()
+  if on_policy:  # one minibatch: its per-unit sums times its units are the rollout's sums
+    units = _units(exp.response_mask, algo.aggregation)
+    metrics["kl_seq_mean"] = seq_kl = metrics.pop("kl_sum_per_unit") * units / b
+    tokens = exp.response_mask.sum()
+    metrics["entropy"] = metrics.pop("entropy_sum_per_unit") * units / jnp.where(tokens > 0, tokens, 1.0)
+  else:
+    seq_kl = rl.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1").sum(1).mean()
   kl_state = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(seq_kl), new, old),
                           algo.kl_controller().update(state.kl, seq_kl, b), state.kl)
   return state.replace(kl=kl_state, iteration=state.iteration + 1), metrics

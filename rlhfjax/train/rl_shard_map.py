@@ -37,7 +37,8 @@ def _combine(metrics: dict, frac, axis: str) -> dict:
 
 
 def local_minibatch_grads(policy_params, value_params, kl_coef, mb: Experience, *, algo: AlgoConfig,
-                          models: RLModels, temperature: float, n_data: int, axis: str = DATA):
+                          models: RLModels, temperature: float, n_data: int, axis: str = DATA,
+                          on_policy: bool = False):
   """Per-device body on `mb`, this device's `[minibatch / n_data, ...]` slice (parameters and
   `kl_coef` replicated, `value_params` None without a critic): the local gradient weighted by its
   share of the global units, psummed. Returns (policy grads, value grads or None, metrics), the
@@ -48,7 +49,7 @@ def local_minibatch_grads(policy_params, value_params, kl_coef, mb: Experience, 
   total = jax.lax.psum(units, axis)
   frac = jnp.where(total > 0, units / jnp.maximum(total, 1e-30), 0.0)
   pl = lambda p, m: policy_loss(p, m, kl_coef, algo=algo, models=models,  # noqa: E731
-                                temperature=temperature)
+                                temperature=temperature, on_policy=on_policy)
   pgrads, metrics = _accumulate(pl, policy_params, mb, n_micro, units, algo.aggregation)
   pgrads = jax.tree.map(lambda g: jax.lax.psum((frac * g).astype(g.dtype), axis), pgrads)
   vgrads = None
@@ -69,15 +70,15 @@ def shard_map_grad_fn(algo: AlgoConfig, models: RLModels, mesh, *, temperature: 
     if getattr(algo, name) % n_data:  # a microbatch_size of 0 (off) passes
       raise ValueError(f"rl.{name}={getattr(algo, name)} must be a multiple of the data axis "
                        f"size {n_data} for the shard_map update")
-  body = functools.partial(local_minibatch_grads, algo=algo, models=models, temperature=temperature,
-                           n_data=n_data, axis=axis)
   mb_spec = Experience(**{k: P(axis) for k in EXPERIENCE_FIELDS})
-  # check_vma=False: parameters are replicated inputs whose per-device gradients we sum ourselves
-  # (with the varying-axes checker on, JAX would insert that psum in the transpose automatically).
-  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), mb_spec),
-                          out_specs=(P(), P(), P()), check_vma=False)
 
-  def grad_fn(state: RLState, mb: Experience):
+  def grad_fn(state: RLState, mb: Experience, on_policy: bool = False):
+    body = functools.partial(local_minibatch_grads, algo=algo, models=models, temperature=temperature,
+                             n_data=n_data, axis=axis, on_policy=on_policy)
+    # check_vma=False: parameters are replicated inputs whose per-device gradients we sum ourselves
+    # (with the varying-axes checker on, JAX would insert that psum in the transpose automatically).
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), mb_spec),
+                            out_specs=(P(), P(), P()), check_vma=False)
     value_params = state.value.params if algo.separate_critic else None
     return sharded(state.policy.params, value_params, state.kl.value, mb)
   return grad_fn
