@@ -37,6 +37,17 @@ def test_resume_is_exact_across_epoch_boundary():
   assert _take(again, 8) == first + expected
 
 
+def test_reseeded_is_a_fresh_iterator_with_that_seed():
+  data = list(range(23))
+  it = DataIterator(data, 5, seed=3, process_index=1, process_count=2)
+  head = _take(it, 3)  # mid-stream: the copy starts over, the original goes on
+  other = it.reseeded(10)
+  assert other.seed == 10 and other.get_state() == {"epoch": 0, "index": 0}
+  assert _take(other, 4) == _take(DataIterator(data, 5, seed=10, process_index=1, process_count=2), 4)
+  assert _take(it, 2) == _take(DataIterator(data, 5, seed=3, process_index=1, process_count=2), 5)[3:]
+  assert head != _take(it.reseeded(10), 3)
+
+
 def test_keep_remainder_and_num_epochs():
   it = DataIterator(list(range(7)), 3, seed=0, shuffle=False, drop_remainder=False,
                     process_index=0, process_count=1, num_epochs=2)

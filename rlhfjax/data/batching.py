@@ -14,6 +14,7 @@ Batch layout (all NumPy, built with one vectorized scatter per field, never row 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -67,6 +68,17 @@ class DataIterator:
     self._index = 0
     self._order_epoch = -1
     self._order = None
+
+  def reseeded(self, seed: int) -> "DataIterator":
+    """The same iterator (examples, batch, host shard, collate) with another shuffle `seed`, at
+    the start of its first epoch."""
+    out = copy.copy(self)
+    out._seed, out._epoch, out._index, out._order_epoch, out._order = seed, 0, 0, -1, None
+    return out
+
+  @property
+  def seed(self) -> int:
+    return self._seed
 
   @property
   def steps_per_epoch(self) -> int:

@@ -287,11 +287,7 @@ class PPOStage(RLStage):
     self.pool = str(rm.pool) if rm is not None else "last"
     c = self.stage_cfg
     if c.rl_seed:  # the same iterator and key as RLStage's, seeded apart
-      from rlhfjax.data import DataIterator
-      d = self.data
-      self.data = DataIterator(run.train_examples, d.batch_size, seed=d._seed + 7919 * c.rl_seed,
-                               collate=None, process_index=d._process_index,
-                               process_count=d._process_count)
+      self.data = self.data.reseeded(self.data.seed + 7919 * c.rl_seed)
       self.rng = jax.random.fold_in(self.rng, c.rl_seed)
     self.early = EarlyStop(c.early_stop_factor, c.early_stop_baseline, c.early_stop_patience,
                            EARLY_STOP_SIGNALS[c.early_stop]) if c.early_stop else None
