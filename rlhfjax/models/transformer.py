@@ -10,7 +10,9 @@ and ignores slots whose mask is 0.
 
 The KV cache is a plain pytree `{"k": [layers, B, S, kv_heads, head_dim], "v": ...}`: a forward pass
 with a cache writes its `T` new keys/values at slots `[cache_index, cache_index + T)` with
-`lax.dynamic_update_slice` and attends over all `S` slots; `mask` is then `[B, S]`.
+`lax.dynamic_update_slice` and attends over all `S` slots; `mask` is then `[B, S]`. The whole cache
+is the layer scan's carry and each layer writes its slots into it in place (the sampler's
+`while_loop` carries it too), so a decode step moves only the new slots, not the cache.
 
 Layers are an `nn.scan` (one compiled layer body, parameters stacked on a leading `layers` axis).
 Every parameter carries logical axis names (`rlhfjax.parallel.axes`) for sharding.
@@ -184,8 +186,10 @@ class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index, is_local=None):
-    """`is_local`: this layer's scalar bool (scanned), None when the model has no local layers."""
+  def __call__(self, x, positions, mask, cache, cache_index, is_local=None, layer=0):
+    """`cache`: the whole cache (all layers) or None; this layer, index `layer`, writes its new
+    keys/values into it. `is_local`: this layer's scalar bool (scanned), None when the model has no
+    local layers."""
     cfg = self.cfg
     dt, pdt = cfg.compute_dtype, cfg.params_dtype
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -216,17 +220,17 @@ class Attention(nn.Module):
       q, kk = rope(q, positions, cfg.rope_base, freq), rope(kk, positions, cfg.rope_base, freq)
 
     t = x.shape[1]
-    if layer_cache is None:
+    if cache is None:
       keys, values = kk, vv
       q_slot = jnp.arange(t)
       new_cache = None
     else:
-      keys = jax.lax.dynamic_update_slice(layer_cache["k"], kk.astype(layer_cache["k"].dtype),
-                                          (0, cache_index, 0, 0))
-      values = jax.lax.dynamic_update_slice(layer_cache["v"], vv.astype(layer_cache["v"].dtype),
-                                            (0, cache_index, 0, 0))
+      write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731  [B, T, K, H] -> [1, B, K, T, H]
+          c, new.astype(c.dtype).swapaxes(1, 2)[None], (layer, 0, 0, cache_index, 0))
+      new_cache = {"k": write(cache["k"], kk), "v": write(cache["v"], vv)}
+      keys, values = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).swapaxes(1, 2)
+                      for n in ("k", "v"))  # [B, S, K, H] views for the einsums below
       q_slot = cache_index + jnp.arange(t)
-      new_cache = {"k": keys, "v": values}
     s = keys.shape[1]
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
     if is_local is not None:  # sliding window over slots (= positions: real tokens are contiguous)
@@ -264,18 +268,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer; the scan body. Carry: hidden states; per-layer inputs: its cache (and, with
-  local layers, its `is_local` flag); per-layer output: its cache."""
+  """One pre-norm layer; the scan body. Carry: (hidden states, the whole cache or None); per-layer
+  inputs: its index (and, with local layers, its `is_local` flag); no per-layer output."""
 
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, cache_index, is_local=None):
+  def __call__(self, carry, layer, positions, mask, cache_index, is_local=None):
     cfg = self.cfg
+    x, cache = carry
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype,
                                 plus_one=cfg.norm_plus_one, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask,
-                                                      layer_cache, cache_index, is_local)
+                                                      cache, cache_index, is_local, layer)
     if cfg.post_norms:
       attn_out = norm("post_attn_norm")(attn_out)
     x = x + attn_out
@@ -283,7 +288,7 @@ class Block(nn.Module):
     if cfg.post_norms:
       mlp_out = norm("post_mlp_norm")(mlp_out)
     x = x + mlp_out
-    return nn.with_logical_constraint(x, ACTIVATIONS), new_cache
+    return (nn.with_logical_constraint(x, ACTIVATIONS), new_cache), None
 
 
 class Trunk(nn.Module):
@@ -302,7 +307,7 @@ class Trunk(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        # cache, positions, mask, cache_index (+ the per-layer is_local flags when there are local layers)
+        # layer index, positions, mask, cache_index (+ the per-layer is_local flags with local layers)
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast) + ((0,) if cfg.has_local_layers else ()),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
@@ -322,7 +327,8 @@ class Trunk(nn.Module):
     per_layer = ()
     if cfg.has_local_layers:
       per_layer = (jnp.asarray([t == "local" for t in cfg.layer_types]),)  # [layers] bool
-    x, new_cache = self.layers(x, cache, positions, mask, cache_index, *per_layer)
+    (x, new_cache), _ = self.layers((x, cache), jnp.arange(cfg.n_layers), positions, mask, cache_index,
+                                    *per_layer)
     return self.final_norm(x), new_cache
 
   def attend(self, h):
@@ -332,6 +338,6 @@ class Trunk(nn.Module):
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
   """An empty KV cache for `length` slots."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
