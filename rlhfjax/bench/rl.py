@@ -200,7 +200,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        n_layers: int | None = None, n_heads: int | None = None, vocab="arith16",
                        prompts: int | None = None, group: int | None = None,
                        max_new: int | None = None, steps: int = 5, warmup: int = 1,
-                       long: bool = False, devices: str = "one", **_) -> dict:
+                       long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
+                       **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -209,7 +210,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   model each initialized differently from the policy, 4 epochs x 4 minibatches. Unset flags take
   the work's values (d256 L4 H4, 16-token vocabulary, 16 new tokens, EOS disabled); `long`: 256
   new tokens with EOS on, the response axis trimmed as in `RLStage.step`. `vocab` is the work's
-  tokenizer, "arith16" (an int, as `all` may pass, is ignored as by rl_step). Compile excluded:
+  tokenizer, "arith16" (an int, as `all` may pass, is ignored as by rl_step). `recompute_logprobs`:
+  the old log-probs from their own forward even when on-policy (the path before the reuse). Compile excluded:
   `warmup` untimed iterations first (with `long`, compiling every trimmed width).
   """
   import json
@@ -246,7 +248,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   b = prompts * group
   if algo == "grpo":
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
-                     kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"])
+                     kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"],
+                     reuse_logprobs=not recompute_logprobs)
   else:
     minibatch = b // w["minibatches"] if b >= w["minibatches"] else b
     cfg = AlgoConfig(algo="ppo", group_size=1, epochs=w["epochs"], minibatch_size=minibatch,

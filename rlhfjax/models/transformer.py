@@ -8,7 +8,7 @@ Inputs carry explicit `positions` and a key-validity `mask` because prompts are 
 first real token may sit at column 7, yet it is position 0. Attention is causal over *slots* (columns)
 and ignores slots whose mask is 0.
 
-The KV cache is a plain pytree `{"k": [layers, B, S, kv_heads, head_dim], "v": ...}`: a forward pass
+The KV cache is a plain pytree `{"k": [layers, B, kv_heads, S, head_dim], "v": ...}`: a forward pass
 with a cache writes its `T` new keys/values at slots `[cache_index, cache_index + T)` with
 `lax.dynamic_update_slice` and attends over all `S` slots; `mask` is then `[B, S]`. The whole cache
 is the layer scan's carry and each layer writes its slots into it in place (the sampler's
