@@ -57,6 +57,16 @@ def test_sft_then_rl_writes_metrics_and_resumes(tmp_path):
   evals = [r["step"] for r in rows if r["stage"] == "rl_eval"]
   assert evals == [0, 2]
   assert os.path.exists(tmp_path / "plots" / "rl.png")
+  # the held-out samples' thinking share, and every held-out completion with its verdict
+  last = [r for r in rows if r["stage"] == "rl_eval"][-1]
+  assert 0.0 <= last["sampled_think_frac_thinking"] <= 1.0 and "sampled_think_frac_well_formed" in last
+  samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+  held = [r for r in samples if r["stage"] == "rl_eval"]
+  assert [r["mode"] for r in held] == ["greedy"] * 8 + ["sampled"] * 16  # 8 problems x (1 + 2)
+  assert all(set(r) >= {"prompt", "completion", "answer", "correct"} for r in held)
+  sampled = [r for r in held if r["mode"] == "sampled"]
+  assert np.mean([r["correct"] for r in sampled]) == pytest.approx(rl["after_accuracy_sampled"])
+  assert [r["prompt"] for r in sampled[::2]] == [r["prompt"] for r in held[:8]]
 
   # A finished stage resumes at the end: no new iterations, same final numbers.
   config.stages = "sft,rl"

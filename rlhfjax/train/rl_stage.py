@@ -159,7 +159,9 @@ def teacher_eval(run: Run, loop: RLLoopConfig) -> dict:
 def evaluate_rl(run: Run, model, params, loop: RLLoopConfig, sampling: RolloutConfig,
                 rng) -> tuple[dict, list]:
   """Greedy accuracy, and pass@k / maj@k over `eval_samples` samples per problem, of the policy
-  `model` with `params`."""
+  `model` with `params`; the samples' thinking metrics (`sampled_think_*`: the share that thinks,
+  the accuracy of thinking and of direct answers). The sample rows are every held-out completion,
+  greedy and sampled (`mode`, `sample`), with its gold answer and correctness."""
   from rlhfjax.rewards import answers_match, extract_answer
   from rlhfjax.rewards.verify import verify
   from rlhfjax.sampling.completions import generate_completions
@@ -177,6 +179,8 @@ def evaluate_rl(run: Run, model, params, loop: RLLoopConfig, sampling: RolloutCo
   out.update(flaw_class_accuracy(exs, correct_greedy, run.config.data.get("flaw", "none")))
   out.update({f"greedy_{k}": v for k, v in rollout_stats(greedy).items()
               if k in ("think_frac_well_formed", "think_mean_thinking_words")})
+  samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c), mode="greedy")
+             for q, t, a, c in zip(qs, greedy, golds, correct_greedy)]
   k = loop.eval_samples
   if k > 0:
     sampled = generate_completions(params, model, run.tokenizer, [q for q in qs for _ in range(k)],
@@ -184,11 +188,14 @@ def evaluate_rl(run: Run, model, params, loop: RLLoopConfig, sampling: RolloutCo
     correct = verify(sampled, [e for e in exs for _ in range(k)]).reshape(len(qs), k)
     out["accuracy_sampled"] = float(correct.mean())
     out[f"pass@{k}"] = float(np.mean(rl.pass_at_k(np.full(len(qs), k), correct.sum(1), k)))
+    out.update({f"sampled_{n}": v for n, v in rollout_stats(
+        sampled, None if golds[0] is None else [a for a in golds for _ in range(k)]).items()})
+    samples += [dict(prompt=qs[i], completion=sampled[i * k + j], answer=golds[i],
+                     correct=bool(correct[i, j]), mode="sampled", sample=j)
+                for i in range(len(qs)) for j in range(k)]
   if k > 0 and golds[0] is not None:
     answers = [[extract_answer(sampled[i * k + j]) for j in range(k)] for i in range(len(qs))]
     out[f"maj@{k}"] = float(np.mean(rl.maj_at_k(answers, golds, k, match=answers_match)))
-  samples = [dict(prompt=q, completion=t, answer=a, correct=bool(c))
-             for q, t, a, c in zip(qs[:16], greedy[:16], golds[:16], correct_greedy[:16])]
   return out, samples
 
 
