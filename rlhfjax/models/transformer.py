@@ -12,7 +12,8 @@ The KV cache is a plain pytree `{"k": [layers, B, kv_heads, S, head_dim], "v": .
 with a cache writes its `T` new keys/values at slots `[cache_index, cache_index + T)` with
 `lax.dynamic_update_slice` and attends over all `S` slots; `mask` is then `[B, S]`. The whole cache
 is the layer scan's carry and each layer writes its slots into it in place (the sampler's
-`while_loop` carries it too), so a decode step moves only the new slots, not the cache.
+`while_loop` carries it too): a decode step writes only its new slots (each layer still reads its
+slice of the cache once).
 
 Layers are an `nn.scan` (one compiled layer body, parameters stacked on a leading `layers` axis).
 Every parameter carries logical axis names (`rlhfjax.parallel.axes`) for sharding.
