@@ -152,3 +152,53 @@ def test_chunked_response_logprobs_equal_the_full_log_softmax(jit):
       return jnp.take_along_axis(jax.nn.log_softmax(z), ids[..., None], -1)[..., 0]
     grad = lambda f: jax.jit(jax.grad(lambda p: (f(p) * args[3]).sum()))(params)  # noqa: E731
     chex.assert_trees_all_close(grad(lambda p: stats(p, 2)[0]), grad(plain), atol=1e-5)
+
+
+LINEAR_SPECS = {  # every contraction the built-in models run through `linear`: (spec, x shape, w shape)
+    "q/k/v": ("BTD,DNH->BTNH", (3, 5, 8), (8, 2, 4)),
+    "out": ("BTNH,NHD->BTD", (3, 5, 2, 4), (2, 4, 8)),
+    "mlp in": ("BTD,DF->BTF", (3, 5, 8), (8, 16)),
+    "mlp out": ("BTF,FD->BTD", (3, 5, 16), (16, 8)),
+    "tied head": ("BTD,VD->BTV", (3, 5, 8), (6, 8)),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(LINEAR_SPECS))
+def test_linear_matches_einsum_values_and_grads(name, dtype, jit):
+  # `linear` only reorders the weight gradient's operands: values, dx and dw equal jnp.einsum's
+  from rlhfjax.models.transformer import linear
+  spec, xs, ws = LINEAR_SPECS[name]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=xs), dtype)
+  w = jnp.asarray(rng.normal(size=ws), dtype)
+  cot = jnp.asarray(rng.normal(size=jnp.einsum(spec, x, w).shape), jnp.float32)
+  loss = lambda f: lambda x, w: (f(x, w).astype(jnp.float32) * cot).sum()  # noqa: E731
+  ours = jax.value_and_grad(loss(lambda x, w: linear(spec, x, w)), argnums=(0, 1))
+  ref = jax.value_and_grad(loss(lambda x, w: jnp.einsum(spec, x, w)), argnums=(0, 1))
+  if jit:
+    ours, ref = jax.jit(ours), jax.jit(ref)
+  (v, (dx, dw)), (rv, (rdx, rdw)) = ours(x, w), ref(x, w)
+  assert dx.dtype == x.dtype and dw.dtype == w.dtype and dx.shape == x.shape and dw.shape == w.shape
+  tol = 1e-5 if dtype == "float32" else 5e-2
+  np.testing.assert_allclose(v, rv, rtol=tol)
+  for a, b in ((dx, rdx), (dw, rdw)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_model_grads_equal_the_plain_einsum_model(monkeypatch):
+  # the whole policy's parameter gradient with `linear` equals the one with plain einsums (1e-5)
+  import rlhfjax.models.heads as heads
+  import rlhfjax.models.transformer as transformer
+  cfg = dataclasses.replace(CFG, tie_embeddings=False)
+  tokens, pos, mask = _inputs()
+  params = init_params(PolicyModel(cfg), jax.random.key(3))
+  # fresh module instances per call so the patched function is looked up at trace time
+  loss = lambda p: jnp.sum(jnp.tanh(PolicyModel(cfg).apply({"params": p}, tokens, pos, mask)[0]))  # noqa: E731
+  ours = jax.jit(jax.grad(loss))(params)
+  plain = lambda spec, x, w: jnp.einsum(spec, x, w)  # noqa: E731
+  monkeypatch.setattr(transformer, "linear", plain)
+  monkeypatch.setattr(heads, "linear", plain)
+  ref = jax.jit(jax.grad(loss))(params)
+  chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhfjax.models.transformer import Trunk, TransformerConfig, init_cache
+from rlhfjax.models.transformer import Trunk, TransformerConfig, init_cache, linear
 from rlhfjax.parallel import axes as ax
 
 
@@ -37,7 +37,7 @@ class _LM(nn.Module):
   def head(self, h):
     if self.cfg.tie_embeddings:
       return self.trunk.attend(h)
-    return jnp.einsum("BTD,DV->BTV", h, self.lm_head.astype(h.dtype)).astype(jnp.float32)
+    return linear("BTD,DV->BTV", h, self.lm_head.astype(h.dtype)).astype(jnp.float32)
 
 
 class PolicyModel(_LM):

@@ -22,6 +22,7 @@ Every parameter carries logical axis names (`rlhfjax.parallel.axes`) for shardin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -183,6 +184,42 @@ def rope_frequencies(cfg: TransformerConfig, local: bool = False) -> jax.Array:
   return freq
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def linear(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, x, w)` for a layer's activations `x` and weight `w`, with the weight
+  gradient's operands ordered for the CPU backend.
+
+  The weight gradient contracts the token axes. XLA's CPU dot wants the first operand's
+  contracted axes minor, so it transposes that operand, and when that operand is an element-wise
+  result fused into the transpose (a SwiGLU gradient, a stacked scan residual) the fused transpose
+  runs ~10x slower than the dot. `jax.grad` of the plain einsum put the wide [tokens, d_ff]
+  operand first (the update's backward pass ran ~9x its forward, mostly these transposes); here
+  the smaller operand goes first. Same math; on GPU/TPU the order is immaterial.
+  """
+  return jnp.einsum(spec, x, w)
+
+
+def _linear_fwd(spec, x, w):
+  return jnp.einsum(spec, x, w), (x, w)
+
+
+def _linear_bwd(spec, res, g):
+  x, w = res
+  ins, out = spec.split("->")
+  xs, ws = ins.split(",")
+  dx = jnp.einsum(f"{out},{ws}->{xs}", g, w)
+  (a, sa), (b, sb) = ((x, xs), (g, out)) if x.size <= g.size else ((g, out), (x, xs))
+  # jnp.einsum may swap its operands to suit the output order: fix the order, then transpose the
+  # (small) weight gradient.
+  order = "".join(c for c in sa + sb if c in ws)
+  dw = jnp.einsum(f"{sa},{sb}->{order}", a, b, optimize=False)
+  dw = jnp.transpose(dw, [order.index(c) for c in ws])
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
@@ -199,9 +236,9 @@ class Attention(nn.Module):
     wv = self.param("wv", _dense_init((ax.EMBED, ax.HEADS, ax.KV)), (cfg.d_model, k, h), pdt)
     wo = self.param("wo", _dense_init((ax.HEADS, ax.KV, ax.EMBED)), (n, h, cfg.d_model), pdt)
 
-    q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))  # [batch, time, heads, head_dim]
-    kk = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))  # [batch, time, kv_heads, head_dim]
-    vv = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+    q = linear("BTD,DNH->BTNH", x, wq.astype(dt))  # [batch, time, heads, head_dim]
+    kk = linear("BTD,DKH->BTKH", x, wk.astype(dt))  # [batch, time, kv_heads, head_dim]
+    vv = linear("BTD,DKH->BTKH", x, wv.astype(dt))
     if cfg.qkv_bias:
       bias = lambda name, heads: self.param(
           name, nn.with_logical_partitioning(nn.initializers.zeros, (ax.HEADS, ax.KV)), (heads, h), pdt)
@@ -244,7 +281,7 @@ class Attention(nn.Module):
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
-    out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    out = linear("BTNH,NHD->BTD", out, wo.astype(dt))
     if cfg.out_bias:
       bo = self.param("bo", nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
                       (cfg.d_model,), pdt)
@@ -262,10 +299,10 @@ class MLP(nn.Module):
     w_gate = self.param("w_gate", _dense_init((ax.EMBED, ax.MLP)), (cfg.d_model, cfg.d_ff), pdt)
     w_up = self.param("w_up", _dense_init((ax.EMBED, ax.MLP)), (cfg.d_model, cfg.d_ff), pdt)
     w_down = self.param("w_down", _dense_init((ax.MLP, ax.EMBED)), (cfg.d_ff, cfg.d_model), pdt)
-    gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))  # [batch, time, d_ff]
-    up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+    gate = linear("BTD,DF->BTF", x, w_gate.astype(dt))  # [batch, time, d_ff]
+    up = linear("BTD,DF->BTF", x, w_up.astype(dt))
     act = nn.silu(gate) if cfg.mlp_activation == "silu" else nn.gelu(gate, approximate=True)
-    return jnp.einsum("BTF,FD->BTD", act * up, w_down.astype(dt))
+    return linear("BTF,FD->BTD", act * up, w_down.astype(dt))
 
 
 class Block(nn.Module):
@@ -334,7 +371,7 @@ class Trunk(nn.Module):
 
   def attend(self, h):
     """Logits through the tied embedding: [B, T, D] -> [B, T, V] in f32."""
-    return jnp.einsum("BTD,VD->BTV", h, self.embedding.astype(h.dtype)).astype(jnp.float32)
+    return linear("BTD,VD->BTV", h, self.embedding.astype(h.dtype)).astype(jnp.float32)
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
