@@ -46,3 +46,20 @@ def test_bench_rm_score_ensemble(capsys):
 def test_matmul_peak():
   peak = bench.matmul_peak(n=64, iters=2)
   assert peak["n"] == 64 and peak["float32"] > 0
+
+
+def test_hf_init_draws_weights_keeps_scales():
+  """The peer-work init: every weight N(0, 0.02) as a fresh HF Llama's, norm scales left at one."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rlhfjax.bench.rl import hf_init
+
+  params = {"layer": {"kernel": jnp.zeros((256, 256)), "norm": {"scale": jnp.ones((256,))},
+                      "bias": jnp.zeros((256,))}}
+  out = hf_init(params, jax.random.key(0))
+  np.testing.assert_array_equal(out["layer"]["norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(out["layer"]["bias"], 0.0)
+  k = np.asarray(out["layer"]["kernel"])
+  assert abs(k.std() - 0.02) < 1e-3 and abs(k.mean()) < 1e-3
+  assert out["layer"]["kernel"].sharding == params["layer"]["kernel"].sharding

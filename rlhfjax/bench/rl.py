@@ -63,6 +63,28 @@ def rl_core(algo, model_cfg, optim, total_steps: int, mesh, rules, *, variant: s
 PHASES = ("sample", "score", "experience", "update")
 
 
+def hf_init(params, key, std: float = 0.02):
+  """`params` re-drawn as a Hugging Face Llama initializes them (`initializer_range` 0.02): every
+  weight N(0, std), norm scales and biases kept (ones / zeros); on the same devices as `params`.
+
+  The peers' models are fresh `LlamaForCausalLM`s; the same init distribution gives the same
+  logit scale and so the same EOS rate and response lengths as theirs, i.e. the same work.
+  """
+  import jax
+
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(key, len(leaves))
+
+  def draw(path, x, k):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale" or "bias" in name:
+      return x
+    return jax.device_put((std * jax.random.normal(k, x.shape)).astype(x.dtype), x.sharding)
+
+  return jax.tree_util.tree_unflatten(treedef, [draw(p, x, k) for (p, x), k in zip(leaves, keys)])
+
+
+
 def response_widths(n: int) -> list[int]:
   """Every response width `trim_rollout` can cut an `n`-token budget to (16, 32, ... , n)."""
   return sorted({min(n, max(16, 1 << k)) for k in range(4, max(4, (n - 1).bit_length()) + 1)})
@@ -264,6 +286,13 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   state, ref, experience_fn, update_fn = rl_core(
       cfg, model, optim, 1000, mesh, rules, temperature=sc.temperature,
       ref_key=jax.random.key(2) if algo == "ppo" else None)  # GRPO: the reference = the start policy
+  # Initialized as the peers' Hugging Face models are (N(0, 0.02)): same logit scale, same lengths.
+  policy = hf_init(state.policy.params, jax.random.key(0))
+  ref = hf_init(ref, jax.random.key(2)) if algo == "ppo" else jax.tree.map(jnp.copy, policy)
+  state = state.replace(
+      policy=state.policy.replace(params=policy),
+      value=state.value.replace(params=hf_init(state.value.params, jax.random.key(1)))
+      if state.value is not None else None)
   problems = work.problems(4096, seed=0)
 
   def prompts_of(i: int):
@@ -273,7 +302,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
 
   if algo == "ppo":
     rm_cfg = model  # the reward model: the policy's shape, a scalar head, its own initialization
-    rm_params = jax.device_put(init_params(RewardModel(rm_cfg), jax.random.key(3)), replicated(mesh))
+    rm_params = hf_init(jax.device_put(init_params(RewardModel(rm_cfg), jax.random.key(3)),
+                                       replicated(mesh)), jax.random.key(3))
 
     def score(tokens, resp_mask, exs, rollout):
       toks = jnp.concatenate([rollout.prompt_ids, rollout.response_ids], axis=1)
