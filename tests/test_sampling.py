@@ -1,5 +1,7 @@
 """Sampler: cached decode log-probs equal a full no-cache forward; stopping; truncation filters."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from rlhfjax.models import PolicyModel, TransformerConfig, init_params
 from rlhfjax.models.sequence import response_logprobs
 from rlhfjax.sampling import SamplingConfig, filter_logits, generate
+from rlhfjax.sampling.sampler import bucket_width, cache_widths, width_buckets
 
 CFG = TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                         d_ff=64, max_len=32)
@@ -35,6 +38,32 @@ def test_logprobs_match_full_forward(temperature, top_k, top_p):
     n = int(row_mask.sum())
     assert (row_mask[:n] == 1).all() and (row_mask[n:] == 0).all()
     assert EOS not in row_tok[: n - 1]
+
+
+def test_growing_cache_matches_one_cache():
+  """A 40-token budget decodes through caches of 16, 32 and 40 response slots: the same tokens and
+  log-probs (1e-5) as one 40-slot cache, and the log-probs of a full no-cache forward; some rows
+  stop early (EOS), the rest run through every stage."""
+  cfg_model = dataclasses.replace(CFG, max_len=48)
+  params = init_params(PolicyModel(cfg_model), jax.random.key(4))
+  ids, mask = _prompts()
+  assert cache_widths(40) == [16, 32, 40]
+  outs = [generate(params, ids, mask, jax.random.key(5),
+                   SamplingConfig(model=cfg_model, max_new_tokens=40, eos_id=EOS, grow_cache=grow))
+          for grow in (True, False)]
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_array_equal(outs[0].mask, outs[1].mask)
+  chex.assert_trees_all_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+  full = response_logprobs(params, cfg_model, ids, mask, outs[0].tokens, outs[0].mask, 1.0)
+  chex.assert_trees_all_close(outs[0].logprobs, full, atol=1e-5)
+  assert int(outs[0].lengths.max()) > 32  # the last stage ran
+
+
+def test_width_buckets():
+  assert width_buckets(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+  assert width_buckets(40) == [16, 24, 32, 40] and width_buckets(8) == [8]
+  assert cache_widths(256) == [16, 32, 64, 128, 256]
+  assert [bucket_width(k, 256) for k in (1, 16, 17, 25, 74, 200)] == [16, 16, 24, 32, 96, 256]
 
 
 def test_greedy_is_argmax_and_stops_at_eos():

@@ -86,8 +86,10 @@ def hf_init(params, key, std: float = 0.02):
 
 
 def response_widths(n: int) -> list[int]:
-  """Every response width `trim_rollout` can cut an `n`-token budget to (16, 32, ... , n)."""
-  return sorted({min(n, max(16, 1 << k)) for k in range(4, max(4, (n - 1).bit_length()) + 1)})
+  """Every response width `trim_rollout` can cut an `n`-token budget to (16, 24, 32, 48, ..., n)."""
+  from rlhfjax.sampling.sampler import width_buckets
+
+  return width_buckets(n)
 
 
 def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, batch, score,

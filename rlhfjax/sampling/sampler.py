@@ -37,6 +37,9 @@ class SamplingConfig:
   top_p: float = 1.0  # nucleus sampling: smallest set with mass >= top_p; 1.0 = off
   greedy: bool = False  # argmax decoding (temperature, top_k, top_p ignored)
   layout: Any = None  # (mesh, rules): traced in `layout(...)`, so the model's activations are batch-split
+  # Grow the KV cache in power-of-two stages (`cache_widths`) so each decode step reads only the
+  # slots a response can have filled so far; False: one cache of the whole budget from the start.
+  grow_cache: bool = True
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -45,6 +48,28 @@ class SamplingConfig:
       raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def width_buckets(n: int, minimum: int = 16, steps: tuple[int, ...] = (2, 3)) -> list[int]:
+  """The widths an `n`-token axis is cut to: `minimum` * 2^k and, with `steps` (2, 3), the
+  midpoints 1.5 * 2^k between them (16, 24, 32, 48, 64, 96, ...), capped at `n`; the last is `n`.
+  A length cut to the next bucket wastes at most a third of the columns (a power of two: half)."""
+  out, k = {n}, 0
+  while (minimum << k) < n:
+    out |= {min(n, (minimum << k) * m // 2) for m in steps}
+    k += 1
+  return sorted(out)
+
+
+def bucket_width(length: int, n: int, **kw) -> int:
+  """The smallest of `width_buckets(n, **kw)` that holds `length` columns."""
+  return next(w for w in width_buckets(n, **kw) if w >= length)
+
+
+def cache_widths(n: int) -> list[int]:
+  """The response widths the sampler's KV cache grows through for an `n`-token budget (16, 32, 64,
+  ..., n): one compiled decode loop each, so few; a step attends over at most twice the filled slots."""
+  return width_buckets(n, steps=(2,))
 
 
 @flax.struct.dataclass
@@ -147,26 +172,26 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
   key_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), jnp.int32)], axis=1)
   prompt_len = jnp.sum(prompt_mask, axis=1)  # [B] position of the first response token
   apply = lambda *args: model.apply({"params": params}, *args)  # noqa: E731
+  widths = [n]  # the response width the cache holds in each decode stage
   if hasattr(model, "init_cache"):
-    logits, cache = apply(prompt_ids, positions_from_mask(prompt_mask), key_mask,
-                          model.init_cache(b, p + n), 0)
+    widths = cache_widths(n) if config.grow_cache else [n]
+    logits, cache = apply(prompt_ids, positions_from_mask(prompt_mask), key_mask[:, :p + widths[0]],
+                          model.init_cache(b, p + widths[0]), 0)
 
-    def next_logits(s: _State, token, key_mask):  # one new token through the cache
-      logits, cache = apply(token[:, None], (prompt_len + s.step)[:, None], key_mask, s.cache, p + s.step)
+    def next_logits(s: _State, token, key_mask, width):  # one new token through the cache (p + width slots)
+      logits, cache = apply(token[:, None], (prompt_len + s.step)[:, None], key_mask[:, :p + width],
+                            s.cache, p + s.step)
       return logits[:, 0], cache
   else:
     logits, cache = logits_of(apply(prompt_ids, positions_from_mask(prompt_mask), prompt_mask)), None
     positions = jnp.concatenate([positions_from_mask(prompt_mask),
                                  prompt_len[:, None] + jnp.arange(n)[None]], axis=1)
 
-    def next_logits(s: _State, tokens, key_mask):  # the whole sequence again, read at the new slot
+    def next_logits(s: _State, tokens, key_mask, width):  # the whole sequence again, read at the new slot
       out = logits_of(apply(jnp.concatenate([prompt_ids, tokens], axis=1), positions, key_mask))
       return jax.lax.dynamic_index_in_dim(out, p + s.step, axis=1, keepdims=False), None
 
-  def cond(s: _State):
-    return (s.step < n) & ~jnp.all(s.done)
-
-  def body(s: _State):
+  def body(s: _State, width: int):
     rng, sub = jax.random.split(s.rng)
     token, logp = _pick(s.logits, sub, config)
     live = ~s.done
@@ -176,7 +201,7 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
     mask = s.mask.at[:, s.step].set(live.astype(jnp.float32))
     key_mask = s.key_mask.at[:, p + s.step].set(live.astype(jnp.int32))
     done = s.done | (token == config.eos_id)
-    logits, cache = next_logits(s, token if s.cache is not None else tokens, key_mask)
+    logits, cache = next_logits(s, token if s.cache is not None else tokens, key_mask, width)
     return _State(step=s.step + 1, cache=cache, logits=logits, key_mask=key_mask,
                   tokens=tokens, logprobs=logprobs, mask=mask, done=done, rng=rng)
 
@@ -184,7 +209,13 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
                  tokens=jnp.full((b, n), config.pad_id, jnp.int32),
                  logprobs=jnp.zeros((b, n), jnp.float32), mask=jnp.zeros((b, n), jnp.float32),
                  done=jnp.zeros((b,), bool), rng=rng)
-  state = jax.lax.while_loop(cond, body, state)
+  for i, width in enumerate(widths):
+    if i:  # the next stage: the filled slots copied into a cache of p + width slots
+      state = state.replace(cache=jax.tree.map(
+          lambda new, old: jax.lax.dynamic_update_slice(new, old.astype(new.dtype), (0,) * old.ndim),
+          model.init_cache(b, p + width), state.cache))
+    state = jax.lax.while_loop(lambda s, w=width: (s.step < w) & ~jnp.all(s.done),
+                               functools.partial(body, width=width), state)
   return SampleOutput(tokens=state.tokens, logprobs=state.logprobs, mask=state.mask,
                       lengths=jnp.sum(state.mask, axis=1).astype(jnp.int32),
                       finished=jnp.any((state.tokens == config.eos_id) & (state.mask > 0), axis=1))

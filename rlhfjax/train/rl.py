@@ -29,7 +29,7 @@ from rlhfjax.models.sequence import response_token_stats, response_values
 from rlhfjax.parallel import axes as ax
 from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.sampling import Rollout
-from rlhfjax.sampling.sampler import layout
+from rlhfjax.sampling.sampler import bucket_width, layout
 from rlhfjax.models.heads import transplant_trunk
 from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
                                  state_shardings)
@@ -501,12 +501,12 @@ def _response_width(mask):
 
 
 def trim_rollout(rollout: Rollout, algo: AlgoConfig) -> Rollout:
-  """`rollout` with its response axis cut to the longest response rounded up to a power of two
-  (at least 16), so later forwards skip the padding and only a few widths are ever compiled (one
-  scalar comes to the host, the same on every process). Aggregation "fixed" divides by the width:
-  it keeps the full one."""
+  """`rollout` with its response axis cut to the longest response rounded up to the next of
+  `width_buckets` (16, 24, 32, 48, 64, ...: at most a third of the columns padding), so later
+  forwards skip the padding and only a few widths are ever compiled (one scalar comes to the host,
+  the same on every process). Aggregation "fixed" divides by the width: it keeps the full one."""
   n = rollout.response_ids.shape[1]
-  width = min(n, max(16, 1 << (int(_response_width(rollout.response_mask)) - 1).bit_length()))
+  width = bucket_width(int(_response_width(rollout.response_mask)), n)
   if algo.aggregation == "fixed" or width == n:
     return rollout
   return rollout.replace(response_ids=rollout.response_ids[:, :width],
