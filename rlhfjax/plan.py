@@ -143,14 +143,20 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
                            layout=(mesh, rules))
   ids = batch((b, p), jnp.int32)
   compile_("sampler", generate, (state.policy.params, ids, ids, rng), state.policy.params, config=sampler)
+  packing = None
+  if algo.pack:  # the worst case: one row per sequence
+    from rlhfjax.models.sequence import Packing
+    packing = Packing(src=rep(jax.ShapeDtypeStruct((b, p + n), jnp.int32)),
+                      dst=rep(jax.ShapeDtypeStruct((b, n), jnp.int32)))
   rollout = Rollout(prompt_ids=ids, prompt_mask=ids, response_ids=batch((b, n), jnp.int32),
-                    response_mask=batch((b, n), jnp.float32), finished=batch((b,), jnp.bool_))
+                    response_mask=batch((b, n), jnp.float32), finished=batch((b,), jnp.bool_),
+                    packing=packing)
   vparams = state.value.params if algo.separate_critic else None
   exp_fn = make_experience_fn(algo, models, mesh, rules, temperature=sampling.temperature)
   lowered = compile_("make_experience", exp_fn, (state.policy.params, ref, vparams, rollout,
                                                  rep(jax.ShapeDtypeStruct((b,), jnp.float32)), state.kl.value),
                      (state.policy.params, ref, vparams))
-  exp = sds(lowered.out_info[0], experience_shardings(mesh, rules))
+  exp = sds(lowered.out_info[0], experience_shardings(mesh, rules, algo.pack))
   if loop.update_variant == "shard_map":  # as RLStage.start picks it
     from rlhfjax.train.rl_shard_map import make_rl_update_shard_map as make_rl_update
   update = make_rl_update(algo, models, ptx, vtx, shardings, mesh, rules, temperature=sampling.temperature)

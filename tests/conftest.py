@@ -72,7 +72,7 @@ def rl_loop(tiny_cfg):
   from rlhfjax.models import PolicyModel, PolicyValueModel, ValueModel, init_params
   from rlhfjax.parallel import axes, shard_batch
   from rlhfjax.train.rl import (RLModels, RLOptimConfig, init_rl_state, make_experience_fn,
-                                make_rl_update, rl_state_shardings)
+                                make_rl_update, pack_rollout, rl_state_shardings)
 
   def run(algo, mesh, iters=2, *, optim=None, models=None, policy_params=None, make_update=None,
           rollout_fn=_random_rollout):
@@ -94,6 +94,8 @@ def rl_loop(tiny_cfg):
     for i in range(iters):
       rollout, scores = rollout_fn(seed=i)
       rollout = shard_batch(rollout, mesh, rules)
+      if algo.pack:
+        rollout = pack_rollout(rollout, algo, mesh, rules)
       vparams = state.value.params if algo.separate_critic else None
       exp, em = exp_fn(state.policy.params, ref, vparams, rollout, jnp.asarray(scores), state.kl.value)
       state, um = upd(state, exp, jax.random.key(10 + i))

@@ -32,11 +32,12 @@ def test_state_bytes_are_the_hand_count_over_the_shards(tiny_plan):
   # XLA's own count of the update's inputs: the state, the experience the GRPO loss reads (B=8:
   # one row per device of 2 prompt and 4 response fields, 4-byte dtypes; old_values and returns
   # are unused, and so are old_logprobs on-policy (one epoch, one minibatch): jit drops them) and
-  # 5 scalars (the step, the state's key, the KL coefficient, the iteration, the update's key)
+  # 4 scalars (the step, the state's key, the KL coefficient, the iteration; the update's key is
+  # unused too: one minibatch is not shuffled)
   upd = r["programs"]["rl_update"]
   assert c.rl.epochs == 1 and c.rl.minibatch_size == c.rl_loop.prompts_per_iter * c.rl.group_size
   experience = 4 * (2 * c.data.max_prompt_len + 4 * c.data.max_response_len)
-  assert upd["argument"] == r["params"] + r["optimizer"] + experience + 4 + 8 + 4 + 4 + 8
+  assert upd["argument"] == r["params"] + r["optimizer"] + experience + 4 + 8 + 4 + 4
   assert upd["alias"] >= r["params"] + r["optimizer"]  # the donated state is updated in place
   assert set(r["programs"]) == {"sampler", "make_experience", "rl_update"}
   assert r["peak"] == r["persistent"] + max(p["extra"] for p in r["programs"].values())
@@ -88,7 +89,8 @@ def test_update_is_split_over_the_batch_on_data_parallel(monkeypatch):
   from rlhfjax.train import rl
   from tests import tiny
   c = tiny.get_config()
-  c.rl_loop.prompts_per_iter, c.rl.group_size, c.rl.minibatch_size = 2, 8, 16
+  # two shuffled minibatches (one minibatch is not shuffled: its rows keep the input's layout)
+  c.rl_loop.prompts_per_iter, c.rl.group_size, c.rl.minibatch_size = 2, 8, 8
   c.data.max_prompt_len, c.data.max_response_len = 8, 16
   temp = lambda: mp.plan(c, mp.parse_mesh("data:8"), devices=jax.devices()[:8],  # noqa: E731
                          programs=("rl_update",))["programs"]["rl_update"]["temp"]

@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, help="rl_iteration: untimed warm-up iterations (default 1)")
   p.add_argument("--recompute_logprobs", action="store_true", default=None,
                  help="rl_iteration: recompute the old log-probs even on-policy (rl.reuse_logprobs=False)")
+  p.add_argument("--pack", type=lambda v: {"true": True, "false": False}[v.lower()], metavar="{true,false}",
+                 help="rl_iteration: pack the rollout's sequences (rl.pack; default: true for long GRPO)")
   p.add_argument("--seq", type=int, help="sft, ppo_update, rm_score: sequence length")
   p.add_argument("--prompt", type=int, help="sample, ppo_update: prompt length")
   p.add_argument("--new_tokens", type=int, help="sample, rl_step: tokens generated per row")

@@ -100,15 +100,20 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   `batch(i) -> (prompt ids, prompt mask, examples)` (host arrays); `score(tokens, mask, examples,
   rollout) -> [B] scores` (host tokens / mask of the sample). With `trim`, the rollout's response
   axis is cut to the longest response (`trim_rollout`) before the forwards, and the warm-up compiles
-  experience and update at every width trimming can give, so no timed iteration compiles.
+  experience and update at every width trimming can give, so no timed iteration compiles; with
+  `cfg.pack` the rollout is packed instead (`pack_rollout`) and the warm-up compiles every row count.
   Each dict: the phases' seconds, `total` (prompts encoded to update done), `width` (response
-  columns the forwards saw), `decoded` (decode steps the sampler ran) and `response_tokens`.
+  columns the forwards saw), `rows` (rows they saw: packed rows, else the batch), `decoded`
+  (decode steps the sampler ran) and `response_tokens`.
   """
   import jax
   import numpy as np
   from rlhfjax.parallel import shard_batch
   from rlhfjax.sampling import Rollout, generate
-  from rlhfjax.train.rl import trim_rollout
+  from rlhfjax.models.sequence import Packing
+  from rlhfjax.parallel import batch_sharding, replicated
+  from rlhfjax.sampling.sampler import width_buckets
+  from rlhfjax.train.rl import pack_rollout
 
   def forwards(rollout, scores, i):
     nonlocal state
@@ -119,7 +124,7 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     state, _ = jax.block_until_ready(update_fn(state, exp, jax.random.key(100 + i)))
     return t
 
-  def iteration(i: int, widths=()) -> dict:
+  def iteration(i: int, widths=(), row_counts=()) -> dict:
     ts = time.perf_counter()
     ids, mask, exs = batch(i)
     ids, mask = shard_batch((ids, mask), mesh, rules)
@@ -133,19 +138,28 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     for w in widths:  # warm-up only: compile every width a timed iteration may trim to
       forwards(rollout.replace(response_ids=rollout.response_ids[:, :w],
                                response_mask=rollout.response_mask[:, :w]), scores, i)
+    for r in row_counts:  # warm-up only: every packed row count (empty rows: only the shapes matter)
+      t = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]
+      forwards(rollout.replace(packing=jax.device_put(Packing(
+          src=np.full((r, t), -1, np.int32), dst=np.full(rollout.response_ids.shape, -1, np.int32)),
+          replicated(mesh))), scores, i)
     if trim:
-      rollout = trim_rollout(rollout, cfg)
+      rollout = pack_rollout(rollout, cfg, mesh, rules)
     t3 = forwards(rollout, scores, i)
     t4 = time.perf_counter()
     lengths = np.asarray(resp_mask).sum(1)
     return {"sample": t1 - t0, "score": t2 - t1, "experience": t3 - t2, "update": t4 - t3,
             "total": t4 - ts, "width": int(rollout.response_ids.shape[1]),
+            "rows": int(rollout.packing.src.shape[0] if rollout.packing is not None else b),
             "decoded": int(lengths.max()), "response_tokens": float(lengths.sum())}
 
   t = time.perf_counter()
-  widths = response_widths(sc.max_new_tokens) if trim else ()
+  widths = response_widths(sc.max_new_tokens) if trim and not cfg.pack else ()
+  b = batch(0)[0].shape[0]
+  shards = b // batch_sharding(mesh, 2, rules).shard_shape((b, sc.max_new_tokens))[0]
+  row_counts = [shards * k for k in width_buckets(b // shards, minimum=1)] if trim and cfg.pack else []
   for i in range(warmup):  # compile + warm up
-    iteration(i, widths if i == 0 else ())
+    iteration(i, widths if i == 0 else (), row_counts if i == 0 else ())
   compile_s = time.perf_counter() - t
   runs = [iteration(warmup + i) for i in range(steps)]
   return state, runs, compile_s
@@ -225,7 +239,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        prompts: int | None = None, group: int | None = None,
                        max_new: int | None = None, steps: int = 5, warmup: int = 1,
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
-                       **_) -> dict:
+                       pack: bool | None = None, **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -235,8 +249,10 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   the work's values (d256 L4 H4, 16-token vocabulary, 16 new tokens, EOS disabled); `long`: 256
   new tokens with EOS on, the response axis trimmed as in `RLStage.step`. `vocab` is the work's
   tokenizer, "arith16" (an int, as `all` may pass, is ignored as by rl_step). `recompute_logprobs`:
-  the old log-probs from their own forward even when on-policy (the path before the reuse). Compile excluded:
-  `warmup` untimed iterations first (with `long`, compiling every trimmed width).
+  the old log-probs from their own forward even when on-policy (the path before the reuse).
+  `pack` (`rl.pack`; default: on for long GRPO, whose one minibatch allows it): the forwards run
+  over packed rows of real tokens instead of the trimmed padded batch. Compile excluded: `warmup`
+  untimed iterations first (with `long`, compiling every trimmed width or packed row count).
   """
   import json
 
@@ -273,7 +289,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   if algo == "grpo":
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
                      kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"],
-                     reuse_logprobs=not recompute_logprobs)
+                     reuse_logprobs=not recompute_logprobs, pack=bool(long if pack is None else pack))
   else:
     minibatch = b // w["minibatches"] if b >= w["minibatches"] else b
     cfg = AlgoConfig(algo="ppo", group_size=1, epochs=w["epochs"], minibatch_size=minibatch,
@@ -324,9 +340,10 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   peak = {k: (max(x, again.get(k, 0.0)) if isinstance(x, float) else x) for k, x in peak.items()}
 
   def flops(r: dict) -> float:
-    """Analytic matmul FLOPs of one iteration as it ran (decode steps, trimmed width)."""
+    """Analytic matmul FLOPs of one iteration as it ran (decode steps, trimmed width or packed rows)."""
     n, wd = r["decoded"], r["width"]
     seq, full = p + wd, p + max_new
+    rows = r["rows"]  # packed rows hold p + max_new slots each: as many rows of that width
     fwd = model.forward_flops_per_token
     out = b * p * fwd(p) + b * n * fwd(2 * p + n)  # prefill + decode (every row, every step)
     models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
@@ -335,7 +352,11 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
       out += b * full * fwd(full, lm_head=False)  # reward model on the untrimmed rollout
       out += b * seq * fwd(seq, lm_head=False)  # critic in make_experience
       trained += fwd(seq, lm_head=False)
-    out += models * b * seq * fwd(seq) + cfg.epochs * 3 * b * seq * trained
+    if cfg.pack:
+      b_seq, trained = rows * full, fwd(full)
+    else:
+      b_seq = b * seq
+    out += models * b_seq * fwd(seq if not cfg.pack else full) + cfg.epochs * 3 * b_seq * trained
     return float(out)
 
   totals = [r["total"] for r in runs]
@@ -351,8 +372,9 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
            f"{fl / sec / 1e9:.3g} GFLOP/s = {100 * fl / sec / peak_v:.1f}% of the matmul peak "
            f"({peak_v / 1e9:.3g} GFLOP/s, the larger of two measurements in this run); response "
            f"tokens per iteration {statistics.median(r['response_tokens'] for r in runs):.0f}, "
-           f"decode steps {statistics.median(r['decoded'] for r in runs):.0f}, trimmed width "
-           f"{statistics.median(r['width'] for r in runs):.0f}",
+           f"decode steps {statistics.median(r['decoded'] for r in runs):.0f}, "
+           + (f"packed rows {statistics.median(r['rows'] for r in runs):.0f} of {p + max_new} slots"
+              if cfg.pack else f"trimmed width {statistics.median(r['width'] for r in runs):.0f}"),
            "iterations=" + json.dumps([{k: round(x, 5) if isinstance(x, float) else x
                                         for k, x in r.items()} for r in runs]),
            f"s_per_iter_median={sec:.6f}"]

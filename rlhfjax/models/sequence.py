@@ -22,9 +22,11 @@ Each function below accepts a `TransformerConfig` in place of the policy module 
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhfjax.models.heads import as_policy
 from rlhfjax.models.init import positions_from_mask
@@ -33,6 +35,77 @@ from rlhfjax.rl.losses import entropy_from_logits
 from rlhfjax.rl.losses import logprobs_from_logits as token_logprobs
 
 LOGIT_CHUNK = 128  # response positions per LM-head chunk (response_token_stats)
+
+
+@flax.struct.dataclass
+class Packing:
+  """Where each sequence of a `[B, P + N]` batch sits in `R` packed rows of `P + N` slots (first-fit
+  decreasing, from `pack_plan`), so a forward runs over the real tokens only: about B x (prompt +
+  response) slots instead of B x (P + N) when responses stop early.
+
+  The packed rows' mask holds segment ids (row b + 1; 0 = empty), which the built-in attention reads
+  as "attend within your segment"; positions stay each sequence's own."""
+
+  src: jax.Array  # [R, L] int32: flat index into the [B, P + N] batch of each packed slot, -1 = empty
+  dst: jax.Array  # [B, N] int32: flat index into the [R, L] rows of the slot predicting response token i; -1 = padding
+
+
+def pack_plan(prompt_mask, response_mask, rows_multiple: int = 1) -> Packing:
+  """A `Packing` (host NumPy arrays) for left-padded prompts and right-padded responses ([B, P],
+  [B, N] host masks; each prompt with a real token). The row count is rounded up to a bucket
+  (`sampling.width_buckets` of B: 1, 2, 3, 4, 6, 8, 12, ...) times `rows_multiple` (the batch
+  shards), so only a few shapes are ever compiled."""
+  from rlhfjax.sampling.sampler import bucket_width
+
+  prompt_mask, response_mask = np.asarray(prompt_mask) > 0, np.asarray(response_mask) > 0
+  (b, p), n = prompt_mask.shape, response_mask.shape[1]
+  pl, rl = prompt_mask.sum(1), response_mask.sum(1)
+  if (pl < 1).any():
+    raise ValueError("pack_plan: every prompt needs a real token")
+  if (prompt_mask != (np.arange(p)[None] >= p - pl[:, None])).any() or (
+      response_mask != (np.arange(n)[None] < rl[:, None])).any():
+    raise ValueError("pack_plan: prompts must be left-padded and responses right-padded")
+  if b % rows_multiple:
+    raise ValueError(f"pack_plan: batch {b} is not a multiple of rows_multiple={rows_multiple}")
+  length, width = pl + rl, p + n
+  rows, where = [], np.zeros((b, 2), np.int64)  # (row, offset) of each sequence
+  for i in np.argsort(-length, kind="stable"):  # first-fit decreasing
+    r = next((r for r, used in enumerate(rows) if used + length[i] <= width), len(rows))
+    if r == len(rows):
+      rows.append(0)
+    where[i] = r, rows[r]
+    rows[r] += length[i]
+  n_rows = rows_multiple * bucket_width(-(-len(rows) // rows_multiple), b // rows_multiple, minimum=1)
+  src = np.full((n_rows, width), -1, np.int32)
+  dst = np.full((b, n), -1, np.int32)
+  for i in range(b):
+    r, o = where[i]
+    src[r, o:o + length[i]] = i * width + p - pl[i] + np.arange(length[i])
+    dst[i, :rl[i]] = r * width + o + pl[i] - 1 + np.arange(rl[i])
+  return Packing(src=src, dst=dst)
+
+
+def _packable(model):
+  from rlhfjax.models.heads import PolicyModel, PolicyValueModel, ValueModel
+
+  if not isinstance(model, (PolicyModel, PolicyValueModel, ValueModel)):
+    raise ValueError(f"rl.pack needs a built-in model (its attention reads segment ids); got "
+                     f"{type(model).__name__}")
+
+
+def _packed_inputs(packing: Packing, tokens, positions):
+  """(tokens, positions, segment ids, next tokens) of the packed rows [R, L]."""
+  t = tokens.shape[1]
+  src, real = jnp.maximum(packing.src, 0), packing.src >= 0
+  flat_tok, flat_pos = tokens.reshape(-1), positions.reshape(-1)
+  take = lambda flat, idx: jnp.where(real, flat[idx], 0)  # noqa: E731
+  return (take(flat_tok, src), take(flat_pos, src), jnp.where(real, src // t + 1, 0),
+          take(flat_tok, jnp.minimum(src + 1, flat_tok.shape[0] - 1)))
+
+
+def _unpack(packing: Packing, x):
+  """Packed [R, L] per-slot values -> [B, N] per response token (0 on padding)."""
+  return jnp.where(packing.dst >= 0, x.reshape(-1)[jnp.maximum(packing.dst, 0)], 0).astype(x.dtype)
 
 
 def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -60,8 +133,15 @@ def response_logits(params, model, prompt_ids, prompt_mask, response_ids, respon
   return logits_of(out)[:, p - 1:-1].astype(jnp.float32) / temperature
 
 
-def response_values(params, model, prompt_ids, prompt_mask, response_ids, response_mask):
-  """Critic: V(s_i) for each response token i (state = prompt + response[:i]): [B, N] float32."""
+def response_values(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
+                    packing: Packing | None = None):
+  """Critic: V(s_i) for each response token i (state = prompt + response[:i]): [B, N] float32
+  (with `packing`: 0 on padding)."""
+  if packing is not None:
+    _packable(model)
+    tokens, _, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    tok, pos, seg, _ = _packed_inputs(packing, tokens, positions)
+    return _unpack(packing, model.apply({"params": params}, tok, pos, seg).astype(jnp.float32))
   values = _apply_on_sequence(model, params, prompt_ids, prompt_mask, response_ids, response_mask)
   p = prompt_ids.shape[1]
   return values[:, p - 1:-1].astype(jnp.float32)
@@ -69,25 +149,41 @@ def response_values(params, model, prompt_ids, prompt_mask, response_ids, respon
 
 def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
                          temperature: float = 1.0, *, entropy: bool = True, values: bool = False,
-                         chunk: int = LOGIT_CHUNK):
+                         chunk: int = LOGIT_CHUNK, packing: Packing | None = None):
   """(log-probs [B, N] (not masked), entropy [B, N] or None, values [B, N] or None — an
   actor-critic's, with `values=True`) of the response tokens at `temperature`.
 
   A model with `hidden` / `head` methods (the built-in ones) runs its LM head on the response
   positions only, `chunk` positions at a time (`lax.map`, each chunk rematerialized in the backward
   pass), so no [B, N, vocab] float32 logits exist; any other model goes through its full logits.
+  With `packing` (built-in models only) the forward and the head run over the packed rows and the
+  results come back to [B, N] (0 on padding).
   """
   model = as_policy(model)
   tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
   cut = lambda x: x[:, prompt_ids.shape[1] - 1:-1]  # noqa: E731  columns predicting response tokens
   stats = lambda logits, ids: (token_logprobs(logits, ids),  # noqa: E731
                                entropy_from_logits(logits) if entropy else None)
+  if packing is not None:
+    _packable(model)
+    tokens, positions, mask, targets = _packed_inputs(packing, tokens, positions)
+    h = model.apply({"params": params}, tokens, positions, mask, method="hidden")  # [R, L, D]
+    lp, ent = _chunked_head(params, model, h, targets, stats, temperature, chunk)
+    vals = model.apply({"params": params}, h, method="values") if values else None
+    return tuple(None if x is None else _unpack(packing, x) for x in (lp, ent, vals))
   if not hasattr(model, "head"):
     out = model.apply({"params": params}, tokens, positions, mask)
     lp, ent = stats(cut(logits_of(out)).astype(jnp.float32) / temperature, response_ids)
     return lp, ent, cut(out[1]).astype(jnp.float32) if values else None
   h = cut(model.apply({"params": params}, tokens, positions, mask, method="hidden"))
   vals = model.apply({"params": params}, h, method="values") if values else None
+  lp, ent = _chunked_head(params, model, h, response_ids, stats, temperature, chunk)
+  return lp, ent, vals
+
+
+def _chunked_head(params, model, h, ids, stats, temperature, chunk):
+  """`stats(logits / temperature, ids)` of hidden states [B, T, D], the LM head `chunk` positions at
+  a time (each chunk rematerialized in the backward pass): ([B, T], [B, T] or None)."""
   (b, n), c = h.shape[:2], min(chunk, h.shape[1])
   k = -(-n // c)  # chunks; the last one padded
   split = lambda x: jnp.pad(x, [(0, 0), (0, k * c - n)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
@@ -99,9 +195,9 @@ def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, r
     hc = nn.with_logical_constraint(hc, ACTIVATIONS)
     return stats(model.apply({"params": params}, hc, method="head").astype(jnp.float32) / temperature, ids)
 
-  lp, ent = jax.lax.map(one, (split(h), split(response_ids)))
+  lp, ent = jax.lax.map(one, (split(h), split(ids)))
   join = lambda x: None if x is None else x.swapaxes(0, 1).reshape(b, k * c)[:, :n]  # noqa: E731
-  return join(lp), join(ent), vals
+  return join(lp), join(ent)
 
 
 def response_logprobs(params, model, prompt_ids, prompt_mask, response_ids, response_mask,

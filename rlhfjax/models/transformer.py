@@ -271,6 +271,9 @@ class Attention(nn.Module):
       q_slot = cache_index + jnp.arange(t)
     s = keys.shape[1]
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
+    if cache is None:  # packed rows (`models.sequence.Packing`): `mask` holds segment ids, a query
+      # sees its own segment's keys; 0/1 masks are unaffected (a real query's keys are all 1)
+      allowed = allowed & ((mask[:, None, :] == mask[:, :, None]) | (mask[:, :, None] == 0))
     if is_local is not None:  # sliding window over slots (= positions: real tokens are contiguous)
       in_window = q_slot[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window  # [T, S]
       allowed = allowed & (in_window | ~is_local)[None]

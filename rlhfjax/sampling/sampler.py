@@ -93,6 +93,7 @@ class Rollout:
   response_ids: jax.Array  # [B, N] int32, pad after EOS
   response_mask: jax.Array  # [B, N] float32, 1 on response tokens incl. EOS
   finished: jax.Array  # [B] bool: emitted EOS (False = truncated at the budget)
+  packing: Any = None  # `models.sequence.Packing` of the sequences (`train.rl.pack_rollout`), or None
 
   @classmethod
   def from_sample(cls, prompt_ids, prompt_mask, out: SampleOutput) -> "Rollout":

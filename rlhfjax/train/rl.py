@@ -16,16 +16,18 @@ optimizers. Each micro-batch's loss is weighted by its share of the minibatch's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhfjax import rl
-from rlhfjax.models.sequence import response_token_stats, response_values
+from rlhfjax.models.sequence import Packing, pack_plan, response_token_stats, response_values
 from rlhfjax.parallel import axes as ax
 from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.sampling import Rollout
@@ -68,6 +70,9 @@ class AlgoConfig:
   shared_trunk: bool = False  # PPO: one trunk with LM + value heads, one optimizer (else separate critic)
   vf_coef: float = 0.1  # value-loss weight in the joint loss when shared_trunk (PPO paper's c1)
   reuse_logprobs: bool = True  # one epoch over one minibatch: the update's own forward gives the old log-probs (see `on_policy`)
+  # Pack the rollout's sequences into few rows (`models.sequence.Packing`) so every forward runs over
+  # real tokens only; needs one minibatch per step, no micro-batches, built-in models.
+  pack: bool = False
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -81,6 +86,8 @@ class AlgoConfig:
     if self.microbatch_size and self.minibatch_size % self.microbatch_size:
       raise ValueError(f"rl.minibatch_size={self.minibatch_size} is not a multiple of "
                        f"rl.microbatch_size={self.microbatch_size}")
+    if self.pack and self.microbatch_size:
+      raise ValueError("rl.pack packs the whole minibatch: it needs rl.microbatch_size=0")
 
   @property
   def has_critic(self) -> bool:
@@ -183,9 +190,10 @@ class Experience:
   old_values: jax.Array  # [B, N] critic at collection (0 without a critic)
   advantages: jax.Array  # [B, N]
   returns: jax.Array  # [B, N] critic targets (0 without a critic)
+  packing: Packing | None = None  # with `rl.pack`: the rollout's packed rows (replicated; not batch-split)
 
 
-EXPERIENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Experience))
+EXPERIENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Experience) if f.name != "packing")
 
 
 def rl_state_shardings(models: RLModels, algo: AlgoConfig, policy_tx, value_tx, mesh, rules):
@@ -257,12 +265,13 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   logprobs = zeros
   if not on_policy:
     logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask,
-                                                            temperature, values=algo.shared_trunk)
+                                                            temperature, values=algo.shared_trunk,
+                                                            packing=rollout.packing)
     logprobs = logprobs * mask
   ref_logprobs = logprobs  # without a KL term the reference cannot matter: its forward is skipped
   if algo.uses_reference:
     ref_logprobs = response_token_stats(ref_params, models.policy, *args, mask, temperature,
-                                        entropy=False)[0] * mask
+                                        entropy=False, packing=rollout.packing)[0] * mask
   # on-policy, the KL is in the loss or nowhere: the reward's beta below is 0 and the update logs it
   kl = zeros if on_policy else rl.kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
   seq_kl = kl.sum(axis=1)
@@ -282,7 +291,7 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
     if algo.shared_trunk:
       values = shared_values * mask
     else:
-      values = response_values(value_params, models.critic, *args, mask) * mask
+      values = response_values(value_params, models.critic, *args, mask, rollout.packing) * mask
     advantages, returns = rl.gae(token_rewards, values, mask, gamma=algo.gamma, lam=algo.lam)
     if algo.whiten_advantages:
       advantages = rl.whiten(advantages, mask)
@@ -323,7 +332,7 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   exp = Experience(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                    response_ids=rollout.response_ids, response_mask=mask,
                    old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
-                   advantages=advantages, returns=returns)
+                   advantages=advantages, returns=returns, packing=rollout.packing)
   return exp, metrics
 
 
@@ -349,7 +358,7 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
   logprobs, entropy, values = response_token_stats(
       params, models.actor_critic if algo.shared_trunk else models.policy, mb.prompt_ids,
       mb.prompt_mask, mb.response_ids, mask, temperature,
-      entropy=bool(algo.entropy_coef) or on_policy, values=algo.shared_trunk)
+      entropy=bool(algo.entropy_coef) or on_policy, values=algo.shared_trunk, packing=mb.packing)
   old, ref = mb.old_logprobs, mb.ref_logprobs
   if on_policy:
     old = jax.lax.stop_gradient(logprobs) * mask
@@ -385,7 +394,8 @@ def _value_loss(values, mb: Experience, algo: AlgoConfig):
 
 def critic_loss(params, mb: Experience, *, algo: AlgoConfig, models: RLModels):
   mask = mb.response_mask
-  values = response_values(params, models.critic, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask)
+  values = response_values(params, models.critic, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask,
+                           mb.packing)
   return _value_loss(values, mb, algo)
 
 
@@ -451,6 +461,9 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
                      f"rl.minibatch_size={algo.minibatch_size}")
   n_mb = b // algo.minibatch_size
   on_policy = algo.on_policy(b)
+  if exp.packing is not None and n_mb != 1:
+    raise ValueError(f"rl.pack needs one minibatch per step: rl.minibatch_size={algo.minibatch_size} "
+                     f"!= the rollout batch {b}")
 
   def minibatch_step(s: RLState, mb: Experience):
     pgrads, vgrads, metrics = grad_fn(s, mb, on_policy)
@@ -466,6 +479,11 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
     return new, metrics
 
   def epoch(s: RLState, key):
+    if n_mb == 1:  # one minibatch: the loss does not depend on the row order (and packing needs it)
+      packing = jax.tree.map(lambda x: x[None], exp.packing)  # replicated, not batch-split
+      whole = jax.tree.map(lambda x: nn.with_logical_constraint(x[None], (None, ax.BATCH)),
+                           exp.replace(packing=None))
+      return jax.lax.scan(minibatch_step, s, whole.replace(packing=packing))
     perm = jax.random.permutation(key, b)
     # minibatches split over the batch axes (under `make_rl_update`'s layout), not replicated
     shuffled = jax.tree.map(lambda x: nn.with_logical_constraint(
@@ -513,8 +531,30 @@ def trim_rollout(rollout: Rollout, algo: AlgoConfig) -> Rollout:
                          response_mask=rollout.response_mask[:, :width])
 
 
-def experience_shardings(mesh, rules):
-  return Experience(**{k: batch_sharding(mesh, 2, rules) for k in EXPERIENCE_FIELDS})
+def experience_shardings(mesh, rules, packed: bool = False):
+  packing = Packing(src=replicated(mesh), dst=replicated(mesh)) if packed else None
+  return Experience(**{k: batch_sharding(mesh, 2, rules) for k in EXPERIENCE_FIELDS}, packing=packing)
+
+
+def pack_rollout(rollout: Rollout, algo: AlgoConfig, mesh, rules) -> Rollout:
+  """With `algo.pack`, `rollout` with its `Packing` (first-fit decreasing into rows of P + N slots,
+  the row count a multiple of the batch shards; two [B] length vectors come to the host, the same
+  on every process); else `trim_rollout(rollout, algo)`."""
+  if not algo.pack:
+    return trim_rollout(rollout, algo)
+  b, p = rollout.prompt_ids.shape
+  n = rollout.response_ids.shape[1]
+  pl, rl_ = np.asarray(_lengths(mesh)(rollout.prompt_mask, rollout.response_mask))
+  shards = b // batch_sharding(mesh, 2, rules).shard_shape((b, n))[0]
+  plan = pack_plan(np.arange(p)[None] >= p - pl[:, None], np.arange(n)[None] < rl_[:, None], shards)
+  return rollout.replace(packing=jax.device_put(plan, replicated(mesh)))
+
+
+@functools.lru_cache(maxsize=None)
+def _lengths(mesh):
+  """Jitted (prompt, response) lengths [2, B], replicated on `mesh`: readable on every process."""
+  return jax.jit(lambda pm, rm: jnp.stack([(pm > 0).sum(1), (rm > 0).sum(1)]),
+                 out_shardings=replicated(mesh))
 
 
 def make_rl_update(algo: AlgoConfig, models: RLModels, policy_tx, value_tx, shardings, mesh, rules,
@@ -524,7 +564,8 @@ def make_rl_update(algo: AlgoConfig, models: RLModels, policy_tx, value_tx, shar
   fn = lambda s, e, r: rl_update(s, e, r, algo=algo, models=models, policy_tx=policy_tx,  # noqa: E731
                                  value_tx=value_tx, temperature=temperature, grad_fn=grad_fn)
   fn = fn if grad_fn else traced_in_layout(fn, mesh, rules)  # shard_map bodies see local shapes
-  return jax.jit(fn, in_shardings=(shardings, experience_shardings(mesh, rules), replicated(mesh)),
+  return jax.jit(fn, in_shardings=(shardings, experience_shardings(mesh, rules, algo.pack),
+                                   replicated(mesh)),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
@@ -533,4 +574,4 @@ def make_experience_fn(algo: AlgoConfig, models: RLModels, mesh, rules, *, tempe
   fn = lambda p, r, v, roll, s, k: make_experience(p, r, v, roll, s, k, algo=algo,  # noqa: E731
                                                    models=models, temperature=temperature)
   return jax.jit(traced_in_layout(fn, mesh, rules),
-                 out_shardings=(experience_shardings(mesh, rules), replicated(mesh)))
+                 out_shardings=(experience_shardings(mesh, rules, algo.pack), replicated(mesh)))

@@ -30,7 +30,7 @@ from rlhfjax.parallel import shard_batch
 from rlhfjax.parallel.distributed import local_rows, process_mean, process_rows
 from rlhfjax.sampling import Rollout, SamplingConfig, generate
 from rlhfjax.train.rl import (AlgoConfig, RLModels, RLOptimConfig, init_rl_state, make_experience_fn,
-                              make_rl_update, rl_state_shardings, trim_rollout)
+                              make_rl_update, pack_rollout, rl_state_shardings)
 from rlhfjax.train.stage import Run, Stage, StopRun, register_stage, stage_params
 
 log = logging.getLogger("rlhfjax")
@@ -209,6 +209,10 @@ def rl_configs(config) -> tuple[AlgoConfig, RLOptimConfig, RolloutConfig, RLLoop
   if batch % algo.minibatch_size:
     raise ValueError(f"rollout batch {batch} (rl_loop.prompts_per_iter x rl.group_size) is not a "
                      f"multiple of rl.minibatch_size={algo.minibatch_size}")
+  if algo.pack and (algo.minibatch_size != batch or loop.update_variant != "jit"):
+    raise ValueError(f"rl.pack needs one minibatch per step (rl.minibatch_size={algo.minibatch_size}, "
+                     f"rollout batch {batch}) and rl_loop.update_variant='jit' "
+                     f"(got {loop.update_variant!r})")
   return algo, optim, sampling, loop
 
 
@@ -328,7 +332,8 @@ class RLStage(Stage):
     score_metrics = process_mean(score_metrics, sum_prefixes=("reward_nan_",))
     t_score = time.perf_counter()
     value_params = state.value.params if self.algo.separate_critic else None
-    rollout = trim_rollout(rollout, self.algo)  # later forwards skip the responses' padding
+    # later forwards skip the responses' padding: trimmed, or packed with rl.pack
+    rollout = pack_rollout(rollout, self.algo, run.mesh, run.rules)
     exp, exp_metrics = self.experience_fn(state.policy.params, self.ref_params, value_params, rollout,
                                           shard_batch(scores, run.mesh, run.rules), state.kl.value)
     state, upd_metrics = self.update_fn(state, exp, jax.random.fold_in(it_rng, 1))
