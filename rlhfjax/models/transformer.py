@@ -8,12 +8,12 @@ Inputs carry explicit `positions` and a key-validity `mask` because prompts are 
 first real token may sit at column 7, yet it is position 0. Attention is causal over *slots* (columns)
 and ignores slots whose mask is 0.
 
-The KV cache is a plain pytree `{"k": [layers, B, kv_heads, S, head_dim], "v": ...}`: a forward pass
-with a cache writes its `T` new keys/values at slots `[cache_index, cache_index + T)` with
-`lax.dynamic_update_slice` and attends over all `S` slots; `mask` is then `[B, S]`. The whole cache
-is the layer scan's carry and each layer writes its slots into it in place (the sampler's
-`while_loop` carries it too): a decode step writes only its new slots (each layer still reads its
-slice of the cache once).
+The KV cache is a plain pytree `{"k": (one [B, kv_heads, S, head_dim] array per layer), "v": ...}`:
+a forward pass with a cache runs the layers unrolled over the scan's stacked parameters; each
+writes its `T` new keys/values at slots `[cache_index, cache_index + T)` of its own arrays with
+`lax.dynamic_update_slice` (in place in the sampler's `while_loop`) and attends over all `S` slots;
+`mask` is then `[B, S]`. One array per layer because a layer's slice of one stacked cache was
+copied out whole on every decode step (a dynamic slice feeding the attention dot).
 
 Layers are an `nn.scan` (one compiled layer body, parameters stacked on a leading `layers` axis).
 Every parameter carries logical axis names (`rlhfjax.parallel.axes`) for sharding.
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from rlhfjax.parallel import axes as ax
 
-Cache = dict[str, jax.Array]
+Cache = dict[str, tuple[jax.Array, ...]]  # {"k", "v"}: one [B, K, S, H] array per layer
 # Hidden states split over the batch only, d_model whole, under a mesh + logical-rules context (the
 # RL core's jitted functions trace in one; a no-op outside): GSPMD then gathers fsdp-sharded weights
 # instead of keeping activations partly replicated.
@@ -224,10 +224,9 @@ class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, cache_index, is_local=None, layer=0):
-    """`cache`: the whole cache (all layers) or None; this layer, index `layer`, writes its new
-    keys/values into it. `is_local`: this layer's scalar bool (scanned), None when the model has no
-    local layers."""
+  def __call__(self, x, positions, mask, cache, cache_index, is_local=None):
+    """`cache`: this layer's `{"k", "v"}` [B, K, S, H] arrays or None; it writes its new keys/values
+    into them. `is_local`: this layer's scalar bool, None when the model has no local layers."""
     cfg = self.cfg
     dt, pdt = cfg.compute_dtype, cfg.params_dtype
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -259,17 +258,16 @@ class Attention(nn.Module):
 
     t = x.shape[1]
     if cache is None:
-      keys, values = kk, vv
+      keys, values, kv = kk, vv, "BSKH"
       q_slot = jnp.arange(t)
       new_cache = None
     else:
-      write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731  [B, T, K, H] -> [1, B, K, T, H]
-          c, new.astype(c.dtype).swapaxes(1, 2)[None], (layer, 0, 0, cache_index, 0))
+      write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731  [B, T, K, H] -> [B, K, T, H]
+          c, new.astype(c.dtype).swapaxes(1, 2), (0, 0, cache_index, 0))
       new_cache = {"k": write(cache["k"], kk), "v": write(cache["v"], vv)}
-      keys, values = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).swapaxes(1, 2)
-                      for n in ("k", "v"))  # [B, S, K, H] views for the einsums below
+      keys, values, kv = new_cache["k"], new_cache["v"], "BKSH"  # read in the cache's own layout
       q_slot = cache_index + jnp.arange(t)
-    s = keys.shape[1]
+    s = keys.shape[kv.index("S")]
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
     if cache is None:  # packed rows (`models.sequence.Packing`): `mask` holds segment ids, a query
       # sees its own segment's keys; 0/1 masks are unaffected (a real query's keys are all 1)
@@ -280,10 +278,10 @@ class Attention(nn.Module):
 
     scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     q = q.reshape(q.shape[0], t, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * scale
+    logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * scale
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
+    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
     out = linear("BTNH,NHD->BTD", out, wo.astype(dt))
     if cfg.out_bias:
       bo = self.param("bo", nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
@@ -309,8 +307,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer; the scan body. Carry: (hidden states, the whole cache or None); per-layer
-  inputs: its index (and, with local layers, its `is_local` flag); no per-layer output."""
+  """One pre-norm layer; the scan body. Carry: (hidden states, this layer's cache or None);
+  per-layer inputs: its index (and, with local layers, its `is_local` flag); no per-layer output."""
 
   cfg: TransformerConfig
 
@@ -321,7 +319,7 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype,
                                 plus_one=cfg.norm_plus_one, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask,
-                                                      cache, cache_index, is_local, layer)
+                                                      cache, cache_index, is_local)
     if cfg.post_norms:
       attn_out = norm("post_attn_norm")(attn_out)
     x = x + attn_out
@@ -368,9 +366,20 @@ class Trunk(nn.Module):
     per_layer = ()
     if cfg.has_local_layers:
       per_layer = (jnp.asarray([t == "local" for t in cfg.layer_types]),)  # [layers] bool
-    (x, new_cache), _ = self.layers((x, cache), jnp.arange(cfg.n_layers), positions, mask, cache_index,
-                                    *per_layer)
-    return self.final_norm(x), new_cache
+    if cache is None:
+      (x, _), _ = self.layers((x, None), jnp.arange(cfg.n_layers), positions, mask, cache_index,
+                              *per_layer)
+      return self.final_norm(x), None
+    # With a cache: the layers unrolled over the scan's stacked parameters, each with its own arrays
+    stacked = nn.unbox(self.layers.variables["params"])
+    new_cache = {"k": [], "v": []}
+    for i in range(cfg.n_layers):
+      (x, layer_cache), _ = Block(cfg, parent=None).apply(
+          {"params": jax.tree.map(lambda a: a[i], stacked)}, (x, {c: cache[c][i] for c in ("k", "v")}),
+          i, positions, mask, cache_index, *(f[i] for f in per_layer))
+      for c in ("k", "v"):
+        new_cache[c].append(layer_cache[c])
+    return self.final_norm(x), {c: tuple(v) for c, v in new_cache.items()}
 
   def attend(self, h):
     """Logits through the tied embedding: [B, T, D] -> [B, T, V] in f32."""
@@ -378,7 +387,7 @@ class Trunk(nn.Module):
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:
-  """An empty KV cache for `length` slots."""
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+  """An empty KV cache for `length` slots: one [batch, kv_heads, length, head_dim] array per layer."""
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return {c: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for c in ("k", "v")}
