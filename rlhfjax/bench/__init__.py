@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model compute dtype")
   p.add_argument("--devices", choices=["one", "all"], help="one-device mesh (default) or all devices")
   p.add_argument("--remat", action="store_true", default=None,
-                 help="sft, ppo_update: rematerialize layers")
+                 help="sft, ppo_update, rl_iteration: rematerialize layers")
   p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
   p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "reinforce_pp", "best_of_n"],
                  help="rl_step: the RL algorithm (rl_iteration: grpo or ppo)")
