@@ -11,7 +11,8 @@ import pytest
 from rlhfjax.models import PolicyModel, TransformerConfig, init_params
 from rlhfjax.models.sequence import response_logprobs
 from rlhfjax.sampling import SamplingConfig, filter_logits, generate
-from rlhfjax.sampling.sampler import bucket_width, cache_widths, width_buckets
+from rlhfjax.models.sequence import bucket_width, width_buckets
+from rlhfjax.sampling.sampler import cache_widths
 
 CFG = TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                         d_ff=64, max_len=32)

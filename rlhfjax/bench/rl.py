@@ -87,7 +87,7 @@ def hf_init(params, key, std: float = 0.02):
 
 def response_widths(n: int) -> list[int]:
   """Every response width `trim_rollout` can cut an `n`-token budget to (16, 24, 32, 48, ..., n)."""
-  from rlhfjax.sampling.sampler import width_buckets
+  from rlhfjax.models.sequence import width_buckets
 
   return width_buckets(n)
 
@@ -112,7 +112,7 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   from rlhfjax.sampling import Rollout, generate
   from rlhfjax.models.sequence import Packing
   from rlhfjax.parallel import batch_sharding, replicated
-  from rlhfjax.sampling.sampler import width_buckets
+  from rlhfjax.models.sequence import width_buckets
   from rlhfjax.train.rl import pack_rollout
 
   def forwards(rollout, scores, i):

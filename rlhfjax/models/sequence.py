@@ -37,6 +37,22 @@ from rlhfjax.rl.losses import logprobs_from_logits as token_logprobs
 LOGIT_CHUNK = 128  # response positions per LM-head chunk (response_token_stats)
 
 
+def width_buckets(n: int, minimum: int = 16, steps: tuple[int, ...] = (2, 3)) -> list[int]:
+  """The widths an `n`-token axis is cut to: `minimum` * 2^k and, with `steps` (2, 3), the
+  midpoints 1.5 * 2^k between them (16, 24, 32, 48, 64, 96, ...), capped at `n`; the last is `n`.
+  A length cut to the next bucket wastes at most a third of the columns (a power of two: half)."""
+  out, k = {n}, 0
+  while (minimum << k) < n:
+    out |= {min(n, (minimum << k) * m // 2) for m in steps}
+    k += 1
+  return sorted(out)
+
+
+def bucket_width(length: int, n: int, **kw) -> int:
+  """The smallest of `width_buckets(n, **kw)` that holds `length` columns."""
+  return next(w for w in width_buckets(n, **kw) if w >= length)
+
+
 @flax.struct.dataclass
 class Packing:
   """Where each sequence of a `[B, P + N]` batch sits in `R` packed rows of `P + N` slots (first-fit
@@ -53,10 +69,8 @@ class Packing:
 def pack_plan(prompt_mask, response_mask, rows_multiple: int = 1) -> Packing:
   """A `Packing` (host NumPy arrays) for left-padded prompts and right-padded responses ([B, P],
   [B, N] host masks; each prompt with a real token). The row count is rounded up to a bucket
-  (`sampling.width_buckets` of B: 1, 2, 3, 4, 6, 8, 12, ...) times `rows_multiple` (the batch
+  (`width_buckets` of B: 1, 2, 3, 4, 6, 8, 12, ...) times `rows_multiple` (the batch
   shards), so only a few shapes are ever compiled."""
-  from rlhfjax.sampling.sampler import bucket_width
-
   prompt_mask, response_mask = np.asarray(prompt_mask) > 0, np.asarray(response_mask) > 0
   (b, p), n = prompt_mask.shape, response_mask.shape[1]
   pl, rl = prompt_mask.sum(1), response_mask.sum(1)

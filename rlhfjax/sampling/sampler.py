@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from rlhfjax.models.heads import as_policy
 from rlhfjax.models.init import positions_from_mask
-from rlhfjax.models.sequence import logits_of
+from rlhfjax.models.sequence import logits_of, width_buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,22 +48,6 @@ class SamplingConfig:
       raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def width_buckets(n: int, minimum: int = 16, steps: tuple[int, ...] = (2, 3)) -> list[int]:
-  """The widths an `n`-token axis is cut to: `minimum` * 2^k and, with `steps` (2, 3), the
-  midpoints 1.5 * 2^k between them (16, 24, 32, 48, 64, 96, ...), capped at `n`; the last is `n`.
-  A length cut to the next bucket wastes at most a third of the columns (a power of two: half)."""
-  out, k = {n}, 0
-  while (minimum << k) < n:
-    out |= {min(n, (minimum << k) * m // 2) for m in steps}
-    k += 1
-  return sorted(out)
-
-
-def bucket_width(length: int, n: int, **kw) -> int:
-  """The smallest of `width_buckets(n, **kw)` that holds `length` columns."""
-  return next(w for w in width_buckets(n, **kw) if w >= length)
 
 
 def cache_widths(n: int) -> list[int]:

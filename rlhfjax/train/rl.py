@@ -27,11 +27,12 @@ import numpy as np
 import optax
 
 from rlhfjax import rl
-from rlhfjax.models.sequence import Packing, pack_plan, response_token_stats, response_values
+from rlhfjax.models.sequence import (Packing, bucket_width, pack_plan, response_token_stats,
+                                     response_values)
 from rlhfjax.parallel import axes as ax
 from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.sampling import Rollout
-from rlhfjax.sampling.sampler import bucket_width, layout
+from rlhfjax.sampling.sampler import layout
 from rlhfjax.models.heads import transplant_trunk
 from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
                                  state_shardings)
