@@ -109,3 +109,15 @@ def test_rl_iteration_command_tiny(capsys):
   assert {"sample", "score", "experience", "update", "total"} <= set(it)
   assert any(line.startswith("rl_iteration (grpo): analytic") and "of the matmul peak" in line
              for line in out)
+
+
+def test_rl_iteration_long_packed_tiny(capsys):
+  """`--long` packs the rollout (`rl.pack`): the forwards see packed rows at the full width, the
+  warm-up compiled every row count (no timed iteration compiles), `--remat` is named."""
+  (r,) = bench.main(["rl_iteration", "--algo=grpo", "--long", "--d_model=16", "--n_layers=1",
+                     "--n_heads=2", "--prompts=2", "--group=2", "--max_new=24", "--steps=2",
+                     "--matmul_n=64", "--remat"])
+  assert r["config"].endswith("remat packed") and "eos" in r["config"]
+  for it in r["iterations"]:
+    assert it["width"] == 24 and 1 <= it["rows"] <= 4
+  assert "packed rows" in capsys.readouterr().out
