@@ -84,7 +84,6 @@ def hf_init(params, key, std: float = 0.02):
   return jax.tree_util.tree_unflatten(treedef, [draw(p, x, k) for (p, x), k in zip(leaves, keys)])
 
 
-
 def response_widths(n: int) -> list[int]:
   """Every response width `trim_rollout` can cut an `n`-token budget to (16, 24, 32, 48, ..., n)."""
   from rlhfjax.models.sequence import width_buckets
@@ -109,11 +108,10 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   import jax
   import numpy as np
   from rlhfjax.parallel import shard_batch
+  from rlhfjax.models.sequence import Packing, packed_row_counts
+  from rlhfjax.parallel import replicated
   from rlhfjax.sampling import Rollout, generate
-  from rlhfjax.models.sequence import Packing
-  from rlhfjax.parallel import batch_sharding, replicated
-  from rlhfjax.models.sequence import width_buckets
-  from rlhfjax.train.rl import pack_rollout
+  from rlhfjax.train.rl import batch_shards, pack_rollout
 
   def forwards(rollout, scores, i):
     nonlocal state
@@ -156,8 +154,7 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   t = time.perf_counter()
   widths = response_widths(sc.max_new_tokens) if trim and not cfg.pack else ()
   b = batch(0)[0].shape[0]
-  shards = b // batch_sharding(mesh, 2, rules).shard_shape((b, sc.max_new_tokens))[0]
-  row_counts = [shards * k for k in width_buckets(b // shards, minimum=1)] if trim and cfg.pack else []
+  row_counts = packed_row_counts(b, batch_shards(b, mesh, rules)) if trim and cfg.pack else []
   for i in range(warmup):  # compile + warm up
     iteration(i, widths if i == 0 else (), row_counts if i == 0 else ())
   compile_s = time.perf_counter() - t

@@ -66,21 +66,35 @@ class Packing:
   dst: jax.Array  # [B, N] int32: flat index into the [R, L] rows of the slot predicting response token i; -1 = padding
 
 
+def packed_row_counts(b: int, rows_multiple: int = 1) -> list[int]:
+  """Every row count `pack_plan` can give a batch of `b` sequences: `rows_multiple` (the batch
+  shards) times a bucket of `width_buckets(b // rows_multiple)` (1, 2, 3, 4, 6, 8, 12, ...)."""
+  if b % rows_multiple:
+    raise ValueError(f"pack_plan: batch {b} is not a multiple of rows_multiple={rows_multiple}")
+  return [rows_multiple * k for k in width_buckets(b // rows_multiple, minimum=1)]
+
+
 def pack_plan(prompt_mask, response_mask, rows_multiple: int = 1) -> Packing:
   """A `Packing` (host NumPy arrays) for left-padded prompts and right-padded responses ([B, P],
-  [B, N] host masks; each prompt with a real token). The row count is rounded up to a bucket
-  (`width_buckets` of B: 1, 2, 3, 4, 6, 8, 12, ...) times `rows_multiple` (the batch
-  shards), so only a few shapes are ever compiled."""
+  [B, N] host masks; each prompt with a real token); see `pack_lengths`."""
   prompt_mask, response_mask = np.asarray(prompt_mask) > 0, np.asarray(response_mask) > 0
   (b, p), n = prompt_mask.shape, response_mask.shape[1]
   pl, rl = prompt_mask.sum(1), response_mask.sum(1)
-  if (pl < 1).any():
-    raise ValueError("pack_plan: every prompt needs a real token")
   if (prompt_mask != (np.arange(p)[None] >= p - pl[:, None])).any() or (
       response_mask != (np.arange(n)[None] < rl[:, None])).any():
     raise ValueError("pack_plan: prompts must be left-padded and responses right-padded")
-  if b % rows_multiple:
-    raise ValueError(f"pack_plan: batch {b} is not a multiple of rows_multiple={rows_multiple}")
+  return pack_lengths(pl, rl, p, n, rows_multiple)
+
+
+def pack_lengths(pl, rl, p: int, n: int, rows_multiple: int = 1) -> Packing:
+  """A `Packing` of sequences with prompt lengths `pl` (each >= 1, left-padded to `p`) and response
+  lengths `rl` (right-padded to `n`): first-fit decreasing into rows of p + n slots, the row count
+  the smallest of `packed_row_counts` that holds them, so only a few shapes are ever compiled."""
+  pl, rl = np.asarray(pl, np.int64), np.asarray(rl, np.int64)
+  b = pl.shape[0]
+  if (pl < 1).any():
+    raise ValueError("pack_plan: every prompt needs a real token")
+  counts = packed_row_counts(b, rows_multiple)
   length, width = pl + rl, p + n
   rows, where = [], np.zeros((b, 2), np.int64)  # (row, offset) of each sequence
   for i in np.argsort(-length, kind="stable"):  # first-fit decreasing
@@ -89,7 +103,7 @@ def pack_plan(prompt_mask, response_mask, rows_multiple: int = 1) -> Packing:
       rows.append(0)
     where[i] = r, rows[r]
     rows[r] += length[i]
-  n_rows = rows_multiple * bucket_width(-(-len(rows) // rows_multiple), b // rows_multiple, minimum=1)
+  n_rows = next(c for c in counts if c >= len(rows))
   src = np.full((n_rows, width), -1, np.int32)
   dst = np.full((b, n), -1, np.int32)
   for i in range(b):

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from rlhfjax import rl
-from rlhfjax.models.sequence import (Packing, bucket_width, pack_plan, response_token_stats,
+from rlhfjax.models.sequence import (Packing, bucket_width, pack_lengths, response_token_stats,
                                      response_values)
 from rlhfjax.parallel import axes as ax
 from rlhfjax.parallel import batch_sharding, replicated
@@ -543,12 +543,15 @@ def pack_rollout(rollout: Rollout, algo: AlgoConfig, mesh, rules) -> Rollout:
   on every process); else `trim_rollout(rollout, algo)`."""
   if not algo.pack:
     return trim_rollout(rollout, algo)
-  b, p = rollout.prompt_ids.shape
-  n = rollout.response_ids.shape[1]
+  (b, p), n = rollout.prompt_ids.shape, rollout.response_ids.shape[1]
   pl, rl_ = np.asarray(_lengths(mesh)(rollout.prompt_mask, rollout.response_mask))
-  shards = b // batch_sharding(mesh, 2, rules).shard_shape((b, n))[0]
-  plan = pack_plan(np.arange(p)[None] >= p - pl[:, None], np.arange(n)[None] < rl_[:, None], shards)
+  plan = pack_lengths(pl, rl_, p, n, batch_shards(b, mesh, rules))
   return rollout.replace(packing=jax.device_put(plan, replicated(mesh)))
+
+
+def batch_shards(b: int, mesh, rules) -> int:
+  """How many pieces the batch axis of a `b`-row batch is split into on `mesh`."""
+  return b // batch_sharding(mesh, 2, rules).shard_shape((b, 1))[0]
 
 
 @functools.lru_cache(maxsize=None)
