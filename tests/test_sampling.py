@@ -117,3 +117,24 @@ def test_overlong_prompt_errors():
   with pytest.raises(ValueError, match="exceeds the model's max_len"):
     generate(params, ids, jnp.ones_like(ids), jax.random.key(0),
              SamplingConfig(model=CFG, max_new_tokens=8, eos_id=EOS))
+
+
+def test_decode_params_match_stacked():
+  """The sampler's per-layer parameter layout (`PolicyModel.decode_params`) gives the cached forward
+  the same logits and cache as the scan's stacked parameters, jitted and not; the no-cache forward
+  refuses it with one line."""
+  model = PolicyModel(CFG)
+  params = init_params(model, jax.random.key(6))
+  per_layer = model.decode_params(params)
+  assert len(per_layer["trunk"]["layers"]["unstacked"]) == CFG.n_layers
+  ids, mask = _prompts()
+  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+  key_mask = jnp.concatenate([mask, jnp.zeros((3, 4), jnp.int32)], 1)
+
+  def run(p):
+    return model.apply({"params": p}, ids, pos, key_mask, model.init_cache(3, 9), 0)
+
+  for f in (run, jax.jit(run)):
+    chex.assert_trees_all_close(f(per_layer), f(params), atol=1e-6)
+  with pytest.raises(ValueError, match="stacked layer parameters"):
+    model.apply({"params": per_layer}, ids, pos, mask)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhfjax.models.transformer import Trunk, TransformerConfig, init_cache, linear
+from rlhfjax.models.transformer import Trunk, TransformerConfig, init_cache, linear, unstack_layers
 from rlhfjax.parallel import axes as ax
 
 
@@ -50,6 +50,11 @@ class PolicyModel(_LM):
   def init_cache(self, batch: int, length: int):
     """An empty KV cache of `length` slots (the sampler's; see `rlhfjax.models.transformer`)."""
     return init_cache(self.cfg, batch, length)
+
+  def decode_params(self, params):
+    """`params` laid out for the cached forward (per-layer weights, `unstack_layers`); the
+    sampler converts once per call, outside its decode loop."""
+    return {**params, "trunk": unstack_layers(params["trunk"])}
 
   @property
   def max_len(self) -> int:

@@ -367,6 +367,9 @@ class Trunk(nn.Module):
     if cfg.has_local_layers:
       per_layer = (jnp.asarray([t == "local" for t in cfg.layer_types]),)  # [layers] bool
     if cache is None:
+      if UNSTACKED in self.layers.variables.get("params", {}):
+        raise ValueError("the no-cache forward needs the stacked layer parameters, not "
+                         "`unstack_layers`' (those are for the sampler's cached forward)")
       (x, _), _ = self.layers((x, None), jnp.arange(cfg.n_layers), positions, mask, cache_index,
                               *per_layer)
       return self.final_norm(x), None
@@ -375,7 +378,7 @@ class Trunk(nn.Module):
     new_cache = {"k": [], "v": []}
     for i in range(cfg.n_layers):
       (x, layer_cache), _ = Block(cfg, parent=None).apply(
-          {"params": jax.tree.map(lambda a: a[i], stacked)}, (x, {c: cache[c][i] for c in ("k", "v")}),
+          {"params": layer_params(stacked, i)}, (x, {c: cache[c][i] for c in ("k", "v")}),
           i, positions, mask, cache_index, *(f[i] for f in per_layer))
       for c in ("k", "v"):
         new_cache[c].append(layer_cache[c])
@@ -384,6 +387,26 @@ class Trunk(nn.Module):
   def attend(self, h):
     """Logits through the tied embedding: [B, T, D] -> [B, T, V] in f32."""
     return linear("BTD,VD->BTV", h, self.embedding.astype(h.dtype)).astype(jnp.float32)
+
+
+UNSTACKED = "unstacked"
+
+
+def unstack_layers(trunk_params: dict) -> dict:
+  """`trunk_params` with the scan's stacked layer parameters split into one tree per layer (under
+  `layers/unstacked`), for the cached (decode) forward: it then reads each layer's weights where
+  they lie instead of slicing the stacked arrays on every step. The no-cache forward needs the
+  stacked form."""
+  stacked = trunk_params["layers"]
+  if UNSTACKED in stacked:
+    return trunk_params
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return {**trunk_params, "layers": {UNSTACKED: tuple(layer_params(stacked, i) for i in range(n))}}
+
+
+def layer_params(layers: dict, i: int) -> dict:
+  """Layer `i`'s parameters from the scan's stacked ones or from `unstack_layers`'."""
+  return layers[UNSTACKED][i] if UNSTACKED in layers else jax.tree.map(lambda a: a[i], layers)
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:

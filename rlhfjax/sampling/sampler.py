@@ -159,6 +159,8 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
   apply = lambda *args: model.apply({"params": params}, *args)  # noqa: E731
   widths = [n]  # the response width the cache holds in each decode stage
   if hasattr(model, "init_cache"):
+    if hasattr(model, "decode_params"):
+      params = model.decode_params(params)
     widths = cache_widths(n) if config.grow_cache else [n]
     logits, cache = apply(prompt_ids, positions_from_mask(prompt_mask), key_mask[:, :p + widths[0]],
                           model.init_cache(b, p + widths[0]), 0)
