@@ -55,6 +55,7 @@ def rl_config(c):
   c.rl.vf_coef = 0.1  # value-loss weight in the joint loss when shared_trunk
   c.rl.reuse_logprobs = True  # 1 epoch over 1 minibatch: old log-probs from the update's own forward
   c.rl.pack = False  # pack sequences into few rows (one minibatch per step): forwards over real tokens only
+  c.rl.share_prompt = False  # one row per group, its prompt once (GRPO family; one minibatch per step)
   c.rl_optim = ml_collections.ConfigDict()
   c.rl_optim.learning_rate = 1e-4  # policy AdamW lr
   c.rl_optim.value_learning_rate = 1e-4  # critic AdamW lr (ppo)

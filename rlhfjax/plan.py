@@ -144,10 +144,12 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
   ids = batch((b, p), jnp.int32)
   compile_("sampler", generate, (state.policy.params, ids, ids, rng), state.policy.params, config=sampler)
   packing = None
-  if algo.pack:  # the worst case: one row per sequence
+  if algo.packs:  # the worst case: one row per sequence (per group with share_prompt), all full
     from rlhfjax.models.sequence import Packing
-    packing = Packing(src=rep(jax.ShapeDtypeStruct((b, p + n), jnp.int32)),
-                      dst=rep(jax.ShapeDtypeStruct((b, n), jnp.int32)))
+    rows = (b, p + n) if algo.pack else (b // algo.group_size, p - 1 + algo.group_size * n)
+    packing = Packing(src=rep(jax.ShapeDtypeStruct(rows, jnp.int32)),
+                      dst=rep(jax.ShapeDtypeStruct((b, n), jnp.int32)),
+                      segments=rep(jax.ShapeDtypeStruct(rows, jnp.int32)))
   rollout = Rollout(prompt_ids=ids, prompt_mask=ids, response_ids=batch((b, n), jnp.int32),
                     response_mask=batch((b, n), jnp.float32), finished=batch((b,), jnp.bool_),
                     packing=packing)
@@ -156,7 +158,7 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
   lowered = compile_("make_experience", exp_fn, (state.policy.params, ref, vparams, rollout,
                                                  rep(jax.ShapeDtypeStruct((b,), jnp.float32)), state.kl.value),
                      (state.policy.params, ref, vparams))
-  exp = sds(lowered.out_info[0], experience_shardings(mesh, rules, algo.pack))
+  exp = sds(lowered.out_info[0], experience_shardings(mesh, rules, algo.packs))
   if loop.update_variant == "shard_map":  # as RLStage.start picks it
     from rlhfjax.train.rl_shard_map import make_rl_update_shard_map as make_rl_update
   update = make_rl_update(algo, models, ptx, vtx, shardings, mesh, rules, temperature=sampling.temperature)

@@ -41,14 +41,14 @@ def tiny_cfg():
                            d_ff=64, max_len=20)
 
 
-def _random_rollout(b=16, p=6, n=10, seed=0, vocab=40):
-  """A `Rollout` of NumPy arrays: ragged left-padded prompts and right-padded responses of random
-  tokens, and random scores [b]."""
+def _random_rollout(b=16, p=6, n=10, seed=0, vocab=40, group=1):
+  """A `Rollout` of NumPy arrays: ragged left-padded prompts (each repeated over `group`
+  consecutive rows) and right-padded responses of random tokens, and random scores [b]."""
   from rlhfjax.sampling import Rollout
   rng = np.random.default_rng(seed)
-  pad = rng.integers(0, 3, b)
+  pad = np.repeat(rng.integers(0, 3, b // group), group)
   pmask = (np.arange(p)[None] >= pad[:, None]).astype(np.int32)
-  pids = rng.integers(4, vocab, (b, p)).astype(np.int32) * pmask
+  pids = np.repeat(rng.integers(4, vocab, (b // group, p)), group, axis=0).astype(np.int32) * pmask
   lens = rng.integers(2, n + 1, b)
   rmask = (np.arange(n)[None] < lens[:, None]).astype(np.float32)
   rids = (rng.integers(4, vocab, (b, n)) * rmask).astype(np.int32)
@@ -94,7 +94,7 @@ def rl_loop(tiny_cfg):
     for i in range(iters):
       rollout, scores = rollout_fn(seed=i)
       rollout = shard_batch(rollout, mesh, rules)
-      if algo.pack:
+      if algo.packs:
         rollout = pack_rollout(rollout, algo, mesh, rules)
       vparams = state.value.params if algo.separate_critic else None
       exp, em = exp_fn(state.policy.params, ref, vparams, rollout, jnp.asarray(scores), state.kl.value)

@@ -102,9 +102,10 @@ def test_pack_config_errors():
     AlgoConfig(pack=True, microbatch_size=2)
 
 
-def test_rl_stage_packed_equals_padded(tmp_path):
-  """The `rl` stage with `rl.pack` on (one minibatch of the whole rollout): from the same SFT
-  checkpoint, the same samples and the same losses, KL and rewards as without."""
+@pytest.mark.parametrize("packing", ["pack", "share_prompt"])
+def test_rl_stage_packed_equals_padded(tmp_path, packing):
+  """The `rl` stage with `rl.pack` or `rl.share_prompt` on (one minibatch of the whole rollout):
+  from the same SFT checkpoint, the same samples and the same losses, KL and rewards as without."""
   import json
   import shutil
 
@@ -116,8 +117,8 @@ def test_rl_stage_packed_equals_padded(tmp_path):
   shutil.copytree(tmp_path / "padded", tmp_path / "packed")
   c.stages = "rl"
   rows = {}
-  for name, pack in (("padded", False), ("packed", True)):
-    c.rl.pack = pack
+  for name, on in (("padded", False), ("packed", True)):
+    c.rl[packing] = on
     train_and_evaluate(c, str(tmp_path / name))
     rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
     rows[name] = [r for r in rows[name] if r["stage"] == "rl"]
@@ -128,3 +129,97 @@ def test_rl_stage_packed_equals_padded(tmp_path):
   c.rl.minibatch_size = 4
   with pytest.raises(ValueError, match="one minibatch"):
     train_and_evaluate(c, str(tmp_path / "packed"))
+
+
+# --- shared prompts (`rl.share_prompt`): one row per group, its prompt once ---------------------
+
+def _grouped(groups=3, group=4, p=6, n=12, seed=3):
+  """`_batch`'s arrays with each prompt repeated over `group` consecutive rows."""
+  pid, pm, rid, rm = _batch(b=groups * group, p=p, n=n, seed=seed)
+  return np.repeat(pid[::group], group, 0), np.repeat(pm[::group], group, 0), rid, rm
+
+
+def test_share_plan_puts_each_prompt_once():
+  from rlhfjax.models.sequence import share_lengths
+  from rlhfjax.models.transformer import SEGMENT_GROUP
+  pid, pm, rid, rm = _grouped()
+  (b, p), n, g = pm.shape, rm.shape[1], 4
+  pl, rl = pm.sum(1), rm.sum(1).astype(int)
+  plan = share_lengths(pl, rl, p, n, g, rows_multiple=2)
+  assert plan.src.shape[0] == 4  # 3 groups, rounded up to the 2 batch shards: one empty row
+  assert (plan.src[3] == -1).all() and (plan.segments[3] == 0).all()
+  t, flat = p + n, plan.src.reshape(-1)
+  for k in range(3):
+    row, seg = plan.src[k], plan.segments[k]
+    prompt = row[seg == (k + 1) * SEGMENT_GROUP]
+    np.testing.assert_array_equal(prompt, k * g * t + p - pl[k * g] + np.arange(pl[k * g] - 1))
+    for j in range(g):  # response j: its row's last prompt token, then its tokens but the last
+      i = k * g + j
+      np.testing.assert_array_equal(row[seg == (k + 1) * SEGMENT_GROUP + j + 1], i * t + p - 1 + np.arange(rl[i]))
+      np.testing.assert_array_equal(flat[plan.dst[i, :rl[i]]], i * t + p - 1 + np.arange(rl[i]))
+  assert (plan.dst[rm == 0] == -1).all()
+  assert (plan.src >= 0).sum() == (pl[::g] - 1).sum() + rl.sum()  # < the padded b x (p + n)
+  with pytest.raises(ValueError, match="whole groups"):
+    share_lengths(pl[:-1], rl[:-1], p, n, g)
+
+
+LOCAL = TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                          d_ff=64, max_len=64, layer_types=("local", "global"), sliding_window=3)
+
+
+@pytest.mark.parametrize("model,cfg", [(PolicyModel, CFG), (PolicyValueModel, CFG), (PolicyModel, LOCAL)])
+def test_shared_prompt_token_stats_equal_padded(model, cfg):
+  """Log-probs, entropy (and an actor-critic's values) and their gradients over shared-prompt rows
+  equal the padded forward's (1e-5), jitted; a sliding window counts positions, not slots."""
+  from rlhfjax.models.sequence import share_lengths
+  pid, pm, rid, rm = _grouped()
+  packing = jax.tree.map(jnp.asarray, share_lengths(pm.sum(1), rm.sum(1), 6, 12, 4))
+  m = model(cfg)
+  params = init_params(m, jax.random.key(0))
+  values = model is PolicyValueModel
+  f = lambda p, pk: response_token_stats(p, m, pid, pm, rid, rm, 0.7, values=values,  # noqa: E731
+                                         packing=pk)
+  for padded, shared in zip(f(params, None), jax.jit(f)(params, packing)):
+    if padded is not None:
+      np.testing.assert_allclose(shared * rm, padded * rm, atol=1e-5)
+  loss = lambda p, pk: (f(p, pk)[0] * rm).sum()  # noqa: E731
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss))(params, packing), jax.grad(loss)(params, None),
+                              atol=1e-5)
+
+
+def test_shared_prompt_values_equal_padded():
+  from rlhfjax.models.sequence import share_lengths
+  pid, pm, rid, rm = _grouped(seed=4)
+  packing = jax.tree.map(jnp.asarray, share_lengths(pm.sum(1), rm.sum(1), 6, 12, 4))
+  vm = ValueModel(CFG)
+  params = jax.tree.map(lambda x: x + 0.1, init_params(vm, jax.random.key(1)))
+  padded = response_values(params, vm, pid, pm, rid, rm)
+  np.testing.assert_allclose(response_values(params, vm, pid, pm, rid, rm, packing) * rm, padded * rm,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_shared_prompt_update_equals_padded(algo, rl_loop):
+  """Two iterations of experience + update (2 epochs over one minibatch of 16, groups of 4): shared
+  prompts on a 2x2x2 mesh give the padded single-device run's parameters and metrics."""
+  import functools
+  from tests.conftest import _random_rollout
+  base = dict(algo=algo, group_size=4, minibatch_size=16, epochs=2)
+  grouped = functools.partial(_random_rollout, group=4)
+  padded, mp = rl_loop(AlgoConfig(**base), create_mesh((1, 1, 1), jax.devices()[:1]), rollout_fn=grouped)
+  shared, ms = rl_loop(AlgoConfig(share_prompt=True, **base), create_mesh((2, 2, 2)), rollout_fn=grouped)
+  chex.assert_trees_all_close(padded.policy.params, shared.policy.params, atol=1e-5)
+  cont = lambda ms: [{k: v for k, v in m.items() if "clipfrac" not in k} for m in ms]  # noqa: E731
+  chex.assert_trees_all_close(cont(mp), cont(ms), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prompt_errors(rl_loop):
+  with pytest.raises(ValueError, match="two packings"):
+    AlgoConfig(pack=True, share_prompt=True)
+  with pytest.raises(ValueError, match="group_size"):
+    AlgoConfig(algo="ppo", group_size=1, share_prompt=True)
+  with pytest.raises(ValueError, match="microbatch"):
+    AlgoConfig(share_prompt=True, microbatch_size=2)
+  # rows of one group with different prompts: refused, not silently mixed
+  with pytest.raises(ValueError, match="share one prompt"):
+    rl_loop(AlgoConfig(group_size=4, minibatch_size=16, share_prompt=True), create_mesh((1, 1, 1), jax.devices()[:1]))

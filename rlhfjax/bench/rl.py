@@ -108,7 +108,7 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   import jax
   import numpy as np
   from rlhfjax.parallel import shard_batch
-  from rlhfjax.models.sequence import Packing, packed_row_counts
+  from rlhfjax.models.sequence import Packing, packed_row_counts, width_buckets
   from rlhfjax.parallel import replicated
   from rlhfjax.sampling import Rollout, generate
   from rlhfjax.train.rl import batch_shards, pack_rollout
@@ -136,11 +136,10 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     for w in widths:  # warm-up only: compile every width a timed iteration may trim to
       forwards(rollout.replace(response_ids=rollout.response_ids[:, :w],
                                response_mask=rollout.response_mask[:, :w]), scores, i)
-    for r in row_counts:  # warm-up only: every packed row count (empty rows: only the shapes matter)
-      t = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]
+    for r, t in row_counts:  # warm-up only: every packed row shape (empty rows: only shapes matter)
       forwards(rollout.replace(packing=jax.device_put(Packing(
-          src=np.full((r, t), -1, np.int32), dst=np.full(rollout.response_ids.shape, -1, np.int32)),
-          replicated(mesh))), scores, i)
+          src=np.full((r, t), -1, np.int32), dst=np.full(rollout.response_ids.shape, -1, np.int32),
+          segments=np.zeros((r, t), np.int32)), replicated(mesh))), scores, i)
     if trim:
       rollout = pack_rollout(rollout, cfg, mesh, rules)
     t3 = forwards(rollout, scores, i)
@@ -149,12 +148,21 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     return {"sample": t1 - t0, "score": t2 - t1, "experience": t3 - t2, "update": t4 - t3,
             "total": t4 - ts, "width": int(rollout.response_ids.shape[1]),
             "rows": int(rollout.packing.src.shape[0] if rollout.packing is not None else b),
+            "slots": int(rollout.packing.src.shape[1] if rollout.packing is not None
+                         else rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]),
             "decoded": int(lengths.max()), "response_tokens": float(lengths.sum())}
 
   t = time.perf_counter()
-  widths = response_widths(sc.max_new_tokens) if trim and not cfg.pack else ()
-  b = batch(0)[0].shape[0]
-  row_counts = packed_row_counts(b, batch_shards(b, mesh, rules)) if trim and cfg.pack else []
+  widths = response_widths(sc.max_new_tokens) if trim and not cfg.packs else ()
+  ids = batch(0)[0]
+  (b, p), n = ids.shape, sc.max_new_tokens
+  shards = batch_shards(b, mesh, rules)
+  row_counts = []  # (rows, slots) of every packed shape a timed iteration may meet
+  if trim and cfg.pack:
+    row_counts = [(r, p + n) for r in packed_row_counts(b, shards)]
+  elif trim and cfg.share_prompt:
+    groups = -(-b // cfg.group_size // shards) * shards
+    row_counts = [(groups, w) for w in width_buckets(p - 1 + cfg.group_size * n)]
   for i in range(warmup):  # compile + warm up
     iteration(i, widths if i == 0 else (), row_counts if i == 0 else ())
   compile_s = time.perf_counter() - t
@@ -236,7 +244,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        prompts: int | None = None, group: int | None = None,
                        max_new: int | None = None, steps: int = 5, warmup: int = 1,
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
-                       pack: bool | None = None, remat: bool = False, **_) -> dict:
+                       pack: bool | None = None, share_prompt: bool = False, remat: bool = False,
+                       **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -248,7 +257,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   tokenizer, "arith16" (an int, as `all` may pass, is ignored as by rl_step). `recompute_logprobs`:
   the old log-probs from their own forward even when on-policy (the path before the reuse).
   `pack` (`rl.pack`; default: on for long GRPO, whose one minibatch allows it): the forwards run
-  over packed rows of real tokens instead of the trimmed padded batch. `remat`: layers
+  over packed rows of real tokens instead of the trimmed padded batch. `share_prompt`
+  (`rl.share_prompt`, GRPO): one row per group, its prompt once. `remat`: layers
   rematerialized in the backward pass (on the 2-core CPU the update is ~15% faster so). Compile excluded: `warmup`
   untimed iterations first (with `long`, compiling every trimmed width or packed row count).
   """
@@ -288,7 +298,9 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   if algo == "grpo":
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
                      kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"],
-                     reuse_logprobs=not recompute_logprobs, pack=bool(long if pack is None else pack))
+                     reuse_logprobs=not recompute_logprobs,
+                     pack=bool(long and not share_prompt if pack is None else pack),
+                     share_prompt=bool(share_prompt))
   else:
     minibatch = b // w["minibatches"] if b >= w["minibatches"] else b
     cfg = AlgoConfig(algo="ppo", group_size=1, epochs=w["epochs"], minibatch_size=minibatch,
@@ -339,23 +351,19 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   peak = {k: (max(x, again.get(k, 0.0)) if isinstance(x, float) else x) for k, x in peak.items()}
 
   def flops(r: dict) -> float:
-    """Analytic matmul FLOPs of one iteration as it ran (decode steps, trimmed width or packed rows)."""
-    n, wd = r["decoded"], r["width"]
-    seq, full = p + wd, p + max_new
-    rows = r["rows"]  # packed rows hold p + max_new slots each: as many rows of that width
+    """Analytic matmul FLOPs of one iteration as it ran: decode steps, and the forwards after
+    sampling over the rows x columns they saw (trimmed, packed or shared-prompt rows)."""
+    n, slots, full = r["decoded"], r["slots"], p + max_new
+    b_seq = r["rows"] * slots  # token slots of each forward after sampling
     fwd = model.forward_flops_per_token
     out = b * p * fwd(p) + b * n * fwd(2 * p + n)  # prefill + decode (every row, every step)
     models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
-    trained = fwd(seq)
+    trained = fwd(slots)
     if algo == "ppo":
       out += b * full * fwd(full, lm_head=False)  # reward model on the untrimmed rollout
-      out += b * seq * fwd(seq, lm_head=False)  # critic in make_experience
-      trained += fwd(seq, lm_head=False)
-    if cfg.pack:
-      b_seq, trained = rows * full, fwd(full)
-    else:
-      b_seq = b * seq
-    out += models * b_seq * fwd(seq if not cfg.pack else full) + cfg.epochs * 3 * b_seq * trained
+      out += b_seq * fwd(slots, lm_head=False)  # critic in make_experience
+      trained += fwd(slots, lm_head=False)
+    out += models * b_seq * fwd(slots) + cfg.epochs * 3 * b_seq * trained
     return float(out)
 
   totals = [r["total"] for r in runs]
@@ -372,13 +380,15 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
            f"({peak_v / 1e9:.3g} GFLOP/s, the larger of two measurements in this run); response "
            f"tokens per iteration {statistics.median(r['response_tokens'] for r in runs):.0f}, "
            f"decode steps {statistics.median(r['decoded'] for r in runs):.0f}, "
-           + (f"packed rows {statistics.median(r['rows'] for r in runs):.0f} of {p + max_new} slots"
-              if cfg.pack else f"trimmed width {statistics.median(r['width'] for r in runs):.0f}"),
+           + (f"{'shared-prompt' if cfg.share_prompt else 'packed'} rows "
+              f"{statistics.median(r['rows'] for r in runs):.0f} of "
+              f"{statistics.median(r['slots'] for r in runs):.0f} slots"
+              if cfg.packs else f"trimmed width {statistics.median(r['width'] for r in runs):.0f}"),
            "iterations=" + json.dumps([{k: round(x, 5) if isinstance(x, float) else x
                                         for k, x in r.items()} for r in runs]),
            f"s_per_iter_median={sec:.6f}"]
   config = (f"{algo} d{d_model} L{n_layers} H{n_heads} V{v} {prompts}x{group} P{p}+{max_new}"
-            f"{' eos' if w['eos'] else ''} float32{' remat' if remat else ''}{' packed' if cfg.pack else ''}")
+            f"{' eos' if w['eos'] else ''} float32{' remat' if remat else ''}{' packed' if cfg.pack else ''}{' shared-prompt' if cfg.share_prompt else ''}")
   return result("rl_iteration", config, params=model.num_params() + model.d_model * v,
                 tokens_per_s=statistics.median(r["response_tokens"] for r in runs) / sec,
                 flops_per_s=fl / sec, peak=peak, dtype="float32", step_s=sec, compile_s=compile_s,

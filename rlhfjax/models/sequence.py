@@ -30,7 +30,7 @@ import numpy as np
 
 from rlhfjax.models.heads import as_policy
 from rlhfjax.models.init import positions_from_mask
-from rlhfjax.models.transformer import ACTIVATIONS
+from rlhfjax.models.transformer import ACTIVATIONS, SEGMENT_GROUP
 from rlhfjax.rl.losses import entropy_from_logits
 from rlhfjax.rl.losses import logprobs_from_logits as token_logprobs
 
@@ -64,6 +64,7 @@ class Packing:
 
   src: jax.Array  # [R, L] int32: flat index into the [B, P + N] batch of each packed slot, -1 = empty
   dst: jax.Array  # [B, N] int32: flat index into the [R, L] rows of the slot predicting response token i; -1 = padding
+  segments: jax.Array  # [R, L] int32: each slot's segment id (the attention mask), 0 = empty
 
 
 def packed_row_counts(b: int, rows_multiple: int = 1) -> list[int]:
@@ -110,7 +111,49 @@ def pack_lengths(pl, rl, p: int, n: int, rows_multiple: int = 1) -> Packing:
     r, o = where[i]
     src[r, o:o + length[i]] = i * width + p - pl[i] + np.arange(length[i])
     dst[i, :rl[i]] = r * width + o + pl[i] - 1 + np.arange(rl[i])
-  return Packing(src=src, dst=dst)
+  return Packing(src=src, dst=dst, segments=np.where(src >= 0, src // width + 1, 0).astype(np.int32))
+
+
+def share_lengths(pl, rl, p: int, n: int, group: int, rows_multiple: int = 1) -> Packing:
+  """A `Packing` with each group's prompt computed once: the `group` consecutive sequences of a group
+  share their prompt (length `pl`, left-padded to `p`; response lengths `rl`, right-padded to `n`).
+
+  One row per group: `[prompt minus its last token | last prompt token + response 1 minus its last
+  token | ... | last prompt token + response G minus its last token]`, so every slot predicts a
+  response token and the prompt's other tokens appear once, not G times. Segment ids tell the
+  attention (`rlhfjax.models.transformer.SEGMENT_GROUP`): the prompt part is `k * SEGMENT_GROUP`
+  for the row's group k >= 1, response j's part `k * SEGMENT_GROUP + j`, and a response sees its
+  own part and its group's prompt. The row width is the longest group's, rounded up to a bucket
+  of `width_buckets` (few compiled shapes); the row count is the groups, rounded up to a multiple
+  of `rows_multiple` with empty rows."""
+  pl, rl = np.asarray(pl, np.int64), np.asarray(rl, np.int64)
+  b = pl.shape[0]
+  if group < 2 or b % group:
+    raise ValueError(f"share_prompt: batch {b} is not whole groups of {group} (group >= 2)")
+  if (pl < 1).any():
+    raise ValueError("share_prompt: every prompt needs a real token")
+  groups, width = b // group, p + n
+  if group >= SEGMENT_GROUP or groups >= 2 ** 31 // SEGMENT_GROUP - 1:
+    raise ValueError(f"share_prompt: {groups} groups of {group} exceed the segment-id range")
+  lead = pl[::group]  # each group's prompt length (the rows of a group share the prompt)
+  row_len = lead - 1 + rl.reshape(groups, group).sum(1)
+  cols = bucket_width(max(int(row_len.max()), 1), p - 1 + group * n)
+  rows = -(-groups // rows_multiple) * rows_multiple
+  src = np.full((rows, cols), -1, np.int32)
+  seg = np.zeros((rows, cols), np.int32)
+  dst = np.full((b, n), -1, np.int32)
+  for g in range(groups):
+    first, k, tag = g * group, lead[g] - 1, (g + 1) * SEGMENT_GROUP
+    src[g, :k] = first * width + p - lead[g] + np.arange(k)  # the prompt but its last token
+    seg[g, :k] = tag
+    o = k
+    for j in range(group):
+      i = first + j  # its own copy of the last prompt token, then its response but the last token
+      src[g, o:o + rl[i]] = i * width + p - 1 + np.arange(rl[i])
+      seg[g, o:o + rl[i]] = tag + j + 1
+      dst[i, :rl[i]] = g * cols + o + np.arange(rl[i])
+      o += rl[i]
+  return Packing(src=src, dst=dst, segments=seg)
 
 
 def _packable(model):
@@ -123,11 +166,10 @@ def _packable(model):
 
 def _packed_inputs(packing: Packing, tokens, positions):
   """(tokens, positions, segment ids, next tokens) of the packed rows [R, L]."""
-  t = tokens.shape[1]
   src, real = jnp.maximum(packing.src, 0), packing.src >= 0
   flat_tok, flat_pos = tokens.reshape(-1), positions.reshape(-1)
   take = lambda flat, idx: jnp.where(real, flat[idx], 0)  # noqa: E731
-  return (take(flat_tok, src), take(flat_pos, src), jnp.where(real, src // t + 1, 0),
+  return (take(flat_tok, src), take(flat_pos, src), packing.segments,
           take(flat_tok, jnp.minimum(src + 1, flat_tok.shape[0] - 1)))
 
 

@@ -184,6 +184,9 @@ def rope_frequencies(cfg: TransformerConfig, local: bool = False) -> jax.Array:
   return freq
 
 
+SEGMENT_GROUP = 1 << 16  # a shared-prompt row's segment ids: group k's prompt k << 16, its responses above
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def linear(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   """`jnp.einsum(spec, x, w)` for a layer's activations `x` and weight `w`, with the weight
@@ -270,11 +273,17 @@ class Attention(nn.Module):
     s = keys.shape[kv.index("S")]
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
     if cache is None:  # packed rows (`models.sequence.Packing`): `mask` holds segment ids, a query
-      # sees its own segment's keys; 0/1 masks are unaffected (a real query's keys are all 1)
-      allowed = allowed & ((mask[:, None, :] == mask[:, :, None]) | (mask[:, :, None] == 0))
-    if is_local is not None:  # sliding window over slots (= positions: real tokens are contiguous)
-      in_window = q_slot[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window  # [T, S]
-      allowed = allowed & (in_window | ~is_local)[None]
+      # sees its own segment's keys and, in a shared-prompt row (`models.sequence.share_lengths`),
+      # its group's prompt; 0/1 masks are unaffected (a real query's keys are all 1)
+      seg_q, seg_k = mask[:, :, None], mask[:, None, :]
+      allowed = allowed & ((seg_k == seg_q) | (seg_q == 0) | (seg_k == seg_q // SEGMENT_GROUP * SEGMENT_GROUP))
+    if is_local is not None:  # sliding window: over positions without a cache (packed rows keep each
+      # sequence's own), over slots with one (= positions: a row's real tokens are contiguous)
+      if cache is None:
+        in_window = positions[:, :, None] - positions[:, None, :] < cfg.sliding_window  # [B, T, S]
+      else:
+        in_window = (q_slot[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window)[None]  # [1, T, S]
+      allowed = allowed & (in_window | ~is_local)
 
     scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     q = q.reshape(q.shape[0], t, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]

@@ -66,8 +66,9 @@ def shard_map_grad_fn(algo: AlgoConfig, models: RLModels, mesh, *, temperature: 
   """A `grad_fn(state, minibatch)` for `rl_update` that runs `local_minibatch_grads` under
   `jax.shard_map` over `axis` (batch split, parameters replicated, explicit psum)."""
   n_data = mesh.shape[axis]
-  if algo.pack:
-    raise ValueError("rl.pack works with the jit update only (rl_loop.update_variant='jit')")
+  if algo.packs:
+    raise ValueError(f"rl.{'pack' if algo.pack else 'share_prompt'} works with the jit update only "
+                     f"(rl_loop.update_variant='jit')")
   for name in ("minibatch_size", "microbatch_size"):
     if getattr(algo, name) % n_data:  # a microbatch_size of 0 (off) passes
       raise ValueError(f"rl.{name}={getattr(algo, name)} must be a multiple of the data axis "

@@ -209,8 +209,8 @@ def rl_configs(config) -> tuple[AlgoConfig, RLOptimConfig, RolloutConfig, RLLoop
   if batch % algo.minibatch_size:
     raise ValueError(f"rollout batch {batch} (rl_loop.prompts_per_iter x rl.group_size) is not a "
                      f"multiple of rl.minibatch_size={algo.minibatch_size}")
-  if algo.pack and (algo.minibatch_size != batch or loop.update_variant != "jit"):
-    raise ValueError(f"rl.pack needs one minibatch per step (rl.minibatch_size={algo.minibatch_size}, "
+  if algo.packs and (algo.minibatch_size != batch or loop.update_variant != "jit"):
+    raise ValueError(f"rl.{'pack' if algo.pack else 'share_prompt'} needs one minibatch per step (rl.minibatch_size={algo.minibatch_size}, "
                      f"rollout batch {batch}) and rl_loop.update_variant='jit' "
                      f"(got {loop.update_variant!r})")
   return algo, optim, sampling, loop
