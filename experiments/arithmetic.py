@@ -55,6 +55,7 @@ def rl_config(c):
   c.rl.vf_coef = 0.1  # value-loss weight in the joint loss when shared_trunk
   c.rl.reuse_logprobs = True  # 1 epoch over 1 minibatch: old log-probs from the update's own forward
   c.rl.pack = False  # pack sequences into few rows (one minibatch per step): forwards over real tokens only
+  c.rl.tis_cap = 0.0  # truncated importance sampling of sampler/trainer mismatch (2 in verl/TRL; 0 = off)
   c.rl.share_prompt = False  # one row per group, its prompt once (GRPO family; one minibatch per step)
   c.rl_optim = ml_collections.ConfigDict()
   c.rl_optim.learning_rate = 1e-4  # policy AdamW lr
@@ -67,6 +68,7 @@ def rl_config(c):
   c.rl_sampling.top_k = 0  # top-k sampling (0 = off)
   c.rl_sampling.top_p = 1.0  # nucleus sampling (1 = off)
   c.rl_sampling.max_new_tokens = 0  # response budget (0 = data.max_response_len)
+  c.rl_sampling.dtype = ""  # sampler compute / KV-cache dtype ("" = the policy's; "bfloat16")
   c.rl_reward = "math:1.0"  # verifier rewards and weights for the `rl` stage, e.g. "math:1,format:0.1"
   c.rl_loop = ml_collections.ConfigDict()
   c.rl_loop.iterations = 60  # sample -> score -> update rounds

@@ -18,6 +18,7 @@ from rlhfjax.rl.losses import entropy_from_logits
 from rlhfjax.rl.losses import explained_variance
 from rlhfjax.rl.losses import logprobs_from_logits
 from rlhfjax.rl.losses import ppo_policy_loss
+from rlhfjax.rl.losses import truncated_is_weights
 from rlhfjax.rl.losses import value_loss
 from rlhfjax.rl.masked import masked_mean
 from rlhfjax.rl.masked import masked_sum
@@ -49,6 +50,7 @@ __all__ = [
     "ppo_policy_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "truncated_is_weights",
     "value_loss",
     "whiten",
 ]

@@ -40,7 +40,8 @@ def aggregate_loss(loss: jax.Array, mask: jax.Array, aggregation: str = "token",
 def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
                     mask: jax.Array, *, clip_eps: float, clip_eps_high: float | None = None,
                     dual_clip: float | None = None, aggregation: str = "token",
-                    fixed_length: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    fixed_length: int | None = None,
+                    is_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO's clipped surrogate (Schulman et al. 2017, eq. 7, negated), per token, then aggregated:
 
     L = max(-A * r, -A * clip(r, 1 - clip_eps, 1 + clip_eps_high)),   r = exp(logprobs - old_logprobs)
@@ -50,7 +51,8 @@ def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: ja
   caps the loss of ``A < 0`` tokens at ``-c * A`` (Ye et al. 2020, eq. 5). ``aggregation``: see
   ``aggregate_loss``. Metrics (masked token means): ``pg_loss``, ``clipfrac`` (either clip cuts the
   gradient), ``dual_clipfrac``, ``approx_kl`` (k3 of KL(old || new)), ``ratio_mean``, and
-  ``ratio_max`` / ``ratio_min`` (0 without masked tokens).
+  ``ratio_max`` / ``ratio_min`` (0 without masked tokens). ``is_weights`` ``[batch, length]``
+  (no gradient; e.g. ``truncated_is_weights``) multiply each token's loss before aggregation.
   """
   if dual_clip is not None and dual_clip <= 1.0:
     raise ValueError(f"dual_clip must be > 1, got {dual_clip}.")
@@ -72,6 +74,8 @@ def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: ja
     cap = -dual_clip * advantages
     is_dual_clipped = (advantages < 0) & (per_token > cap)
     per_token = jnp.where(is_dual_clipped, cap, per_token)
+  if is_weights is not None:
+    per_token = per_token * jax.lax.stop_gradient(is_weights)
   loss = aggregate_loss(per_token, mask, aggregation, fixed_length)
 
   sg = jax.lax.stop_gradient
@@ -87,6 +91,19 @@ def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: ja
       "ratio_min": jnp.where(any_valid, jnp.min(jnp.where(valid, ratio_sg, jnp.inf)), 0.0),
   }
   return loss, metrics
+
+
+def truncated_is_weights(trainer_logprobs: jax.Array, sampler_logprobs: jax.Array, mask: jax.Array,
+                         cap: float) -> jax.Array:
+  """Truncated importance sampling (TIS; Yao et al. 2025): per-token weights
+  ``min(pi_trainer / pi_sampler, cap)`` = ``min(exp(trainer_logprobs - sampler_logprobs), cap)``
+  (1 on padding), which correct the policy gradient for a sampler whose log-probs differ from the
+  trainer's for the same parameters (another precision, another kernel). ``[batch, length]``; no
+  gradient. ``cap`` > 0 (verl and TRL use 2)."""
+  if cap <= 0:
+    raise ValueError(f"the TIS cap must be > 0, got {cap}")
+  log_w = jnp.where(jnp.asarray(mask) != 0, trainer_logprobs - sampler_logprobs, 0.0)
+  return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), cap))
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *,

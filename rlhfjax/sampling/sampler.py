@@ -78,11 +78,12 @@ class Rollout:
   response_mask: jax.Array  # [B, N] float32, 1 on response tokens incl. EOS
   finished: jax.Array  # [B] bool: emitted EOS (False = truncated at the budget)
   packing: Any = None  # `models.sequence.Packing` of the sequences (`train.rl.pack_rollout`), or None
+  logprobs: Any = None  # [B, N] float32 the sampler's log-probs (read by `rl.tis_cap`), or None
 
   @classmethod
   def from_sample(cls, prompt_ids, prompt_mask, out: SampleOutput) -> "Rollout":
     return cls(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.tokens,
-               response_mask=out.mask, finished=out.finished)
+               response_mask=out.mask, finished=out.finished, logprobs=out.logprobs)
 
 
 @flax.struct.dataclass

@@ -78,6 +78,10 @@ class AlgoConfig:
   # share_lengths`; -29 % tokens at 8-token prompts x 8 samples x 16 new tokens, more with long
   # prompts); a packing, so the same needs as `pack`. The rows of a group must share the prompt.
   share_prompt: bool = False
+  # Truncated importance sampling (TIS, Yao et al. 2025): each token's policy-gradient loss times
+  # min(pi_trainer / pi_sampler, cap), for a sampler whose log-probs differ from the trainer's
+  # (rl_sampling.dtype='bfloat16' with a float32 policy); verl and TRL use cap 2. 0 = off.
+  tis_cap: float = 0.0
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -96,6 +100,8 @@ class AlgoConfig:
     if self.packs and self.microbatch_size:
       raise ValueError(f"rl.{'pack' if self.pack else 'share_prompt'} packs the whole minibatch: it "
                        f"needs rl.microbatch_size=0")
+    if self.tis_cap < 0:
+      raise ValueError(f"rl.tis_cap must be >= 0 (0 = off), got {self.tis_cap}")
     if self.share_prompt and self.group_size < 2:
       raise ValueError(f"rl.share_prompt shares a group's prompt: it needs rl.group_size >= 2, got "
                        f"{self.group_size}")
@@ -206,6 +212,7 @@ class Experience:
   old_values: jax.Array  # [B, N] critic at collection (0 without a critic)
   advantages: jax.Array  # [B, N]
   returns: jax.Array  # [B, N] critic targets (0 without a critic)
+  sampler_logprobs: jax.Array  # [B, N] the sampler's log-probs with `rl.tis_cap` (else 0)
   packing: Packing | None = None  # with `rl.pack` / `rl.share_prompt`: the rollout's packed rows (replicated; not batch-split)
 
 
@@ -278,6 +285,12 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   on_policy = algo.on_policy(mask.shape[0])
   model = models.actor_critic if algo.shared_trunk else models.policy
   zeros = jnp.zeros_like(mask)
+  sampler_logprobs = zeros
+  if algo.tis_cap:
+    if rollout.logprobs is None:
+      raise ValueError("rl.tis_cap needs the sampler's log-probs: a Rollout with `logprobs` "
+                       "(Rollout.from_sample keeps them)")
+    sampler_logprobs = rollout.logprobs.astype(jnp.float32) * mask
   logprobs = zeros
   if not on_policy:
     logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask,
@@ -348,7 +361,8 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   exp = Experience(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                    response_ids=rollout.response_ids, response_mask=mask,
                    old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
-                   advantages=advantages, returns=returns, packing=rollout.packing)
+                   advantages=advantages, returns=returns, sampler_logprobs=sampler_logprobs,
+                   packing=rollout.packing)
   return exp, metrics
 
 
@@ -380,9 +394,16 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
     old = jax.lax.stop_gradient(logprobs) * mask
     ref = ref if algo.uses_reference else old
   agg = dict(aggregation=algo.aggregation, fixed_length=mask.shape[1])
+  weights = None
+  if algo.tis_cap:  # the trainer's behaviour log-probs against the sampler's
+    weights = rl.truncated_is_weights(old, mb.sampler_logprobs, mask, algo.tis_cap)
   loss, metrics = rl.ppo_policy_loss(
       logprobs, old, mb.advantages, mask, clip_eps=algo.clip_eps,
-      clip_eps_high=algo.clip_eps_high or None, dual_clip=algo.dual_clip or None, **agg)
+      clip_eps_high=algo.clip_eps_high or None, dual_clip=algo.dual_clip or None, **agg,
+      is_weights=weights)
+  if algo.tis_cap:
+    metrics["tis_weight_mean"] = rl.masked_mean(weights, mask)
+    metrics["tis_capped_frac"] = rl.masked_mean((weights >= algo.tis_cap).astype(jnp.float32), mask)
   if on_policy:
     units = jnp.maximum(_units(mask, algo.aggregation), 1e-30)
     metrics["kl_sum_per_unit"] = (rl.kl_estimate(old, ref, "k1") * mask).sum() / units
@@ -544,7 +565,8 @@ def trim_rollout(rollout: Rollout, algo: AlgoConfig) -> Rollout:
   if algo.aggregation == "fixed" or width == n:
     return rollout
   return rollout.replace(response_ids=rollout.response_ids[:, :width],
-                         response_mask=rollout.response_mask[:, :width])
+                         response_mask=rollout.response_mask[:, :width],
+                         logprobs=None if rollout.logprobs is None else rollout.logprobs[:, :width])
 
 
 def experience_shardings(mesh, rules, packed: bool = False):
