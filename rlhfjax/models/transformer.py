@@ -73,6 +73,10 @@ class TransformerConfig:
   layer_types: tuple[str, ...] = ()  # per layer "global" or "local" (sliding window); () = all global
   sliding_window: int = 0  # local layers: a query sees the keys less than this many slots back (itself included)
   rope_local_base: float | None = None  # RoPE base of local layers, unscaled (Gemma 3); None: as global layers
+  # Attention without a cache (training, scoring): "einsum" (explicit scores) or "dot_product"
+  # (`jax.nn.dot_product_attention`: XLA's fused path, cuDNN's flash kernel on GPU when it takes the
+  # mask); decoding with a cache always uses the einsum over the cache's own layout.
+  attention: str = "einsum"
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -86,6 +90,8 @@ class TransformerConfig:
       raise ValueError("local layers need sliding_window >= 1")
     if self.mlp_activation not in ("silu", "gelu_tanh"):
       raise ValueError(f"mlp_activation must be 'silu' or 'gelu_tanh', got {self.mlp_activation!r}")
+    if self.attention not in ("einsum", "dot_product"):
+      raise ValueError(f"attention must be 'einsum' or 'dot_product', got {self.attention!r}")
     if self.rope_scaling not in ("none", "linear", "llama3"):
       raise ValueError(f"rope_scaling must be 'none', 'linear' or 'llama3', got {self.rope_scaling!r}")
 
@@ -286,17 +292,26 @@ class Attention(nn.Module):
       allowed = allowed & (in_window | ~is_local)
 
     scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    if cache is None and cfg.attention == "dot_product":
+      out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None],
+                                         scale=scale)
+      return self._out(out, wo), new_cache
     q = q.reshape(q.shape[0], t, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]
     logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * scale
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
-    out = linear("BTNH,NHD->BTD", out, wo.astype(dt))
+    return self._out(out, wo), new_cache
+
+  def _out(self, out, wo):
+    """The output projection (+ bias) of the heads' outputs [B, T, N, H] -> [B, T, D]."""
+    cfg = self.cfg
+    out = linear("BTNH,NHD->BTD", out, wo.astype(cfg.compute_dtype))
     if cfg.out_bias:
       bo = self.param("bo", nn.with_logical_partitioning(nn.initializers.zeros, (ax.EMBED,)),
-                      (cfg.d_model,), pdt)
-      out = out + bo.astype(dt)
-    return out, new_cache
+                      (cfg.d_model,), cfg.params_dtype)
+      out = out + bo.astype(cfg.compute_dtype)
+    return out
 
 
 class MLP(nn.Module):
