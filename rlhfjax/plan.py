@@ -67,11 +67,11 @@ def model_config(config, preset: str = ""):
   """The policy's TransformerConfig as the pipeline builds it; a preset or `model.hf_path` is read
   from its config.json alone (no weights, no tokenizer: the vocabulary is the model's)."""
   from rlhfjax.models.hf import config_from_hf, read_hf_config
-  from rlhfjax.train.pipeline import make_model_config
+  from rlhfjax.train.pipeline import compute_options, make_model_config
   path, dtype = config.model.get("hf_path", ""), config.model.get("dtype", "float32")
   if preset or path:
-    return config_from_hf(PRESETS[preset] if preset else read_hf_config(path), dtype,
-                          where=preset or os.path.join(path, "config.json"))
+    return compute_options(config_from_hf(PRESETS[preset] if preset else read_hf_config(path), dtype,
+                                          where=preset or os.path.join(path, "config.json")), config.model)
   return make_model_config(config, types.SimpleNamespace(vocab_size=config.tokenizer.vocab_size))
 
 

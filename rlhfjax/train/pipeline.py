@@ -11,6 +11,7 @@ final checkpoint (`--config.stages=rl` on a workdir whose `sft` finished).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -92,6 +93,13 @@ def prepare_tokenizer(config, workdir, train_examples):
     raise ValueError(f"tokenizer {path} does not load ({' '.join(str(e).split())})") from None
 
 
+def compute_options(cfg: TransformerConfig, model_section) -> TransformerConfig:
+  """`cfg` (a checkpoint's architecture) with the experiment's how-to-compute settings from
+  `config.model`: `remat` and `attention`."""
+  return dataclasses.replace(cfg, remat=bool(model_section.get("remat", False)),
+                             attention=model_section.get("attention", "einsum"))
+
+
 def make_model_config(config, tokenizer) -> TransformerConfig:
   """The policy's architecture: from `model.hf_path`'s config.json, else `config.model`."""
   max_len = config.data.max_prompt_len + config.data.max_response_len
@@ -101,6 +109,7 @@ def make_model_config(config, tokenizer) -> TransformerConfig:
     cfg = config_from_hf(read_hf_config(path), config.model.get("dtype", "float32"),
                          where=os.path.join(path, "config.json"))
     weight_files(path)  # all present, before any training
+    cfg = compute_options(cfg, config.model)
     if tokenizer.vocab_size > cfg.vocab_size or max_len > cfg.max_len:
       raise ValueError(f"{path}: the model embeds {cfg.vocab_size} ids and {cfg.max_len} positions; the "
                        f"tokenizer has {tokenizer.vocab_size} ids and data.max_*_len sum to {max_len}")
