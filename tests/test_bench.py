@@ -4,7 +4,7 @@ from rlhfjax import bench
 
 # batch 8 divides the 8 fake CPU devices of tests/conftest.py, so --devices=all shards the batch.
 TINY = ["--d_model=32", "--n_layers=1", "--vocab=64", "--batch=8", "--seq=16", "--prompt=4",
-        "--new_tokens=4", "--steps=1", "--matmul_n=128", "--devices=all"]
+        "--new_tokens=4", "--steps=1", "--matmul_n=128", "--bandwidth_mib=8", "--devices=all"]
 
 
 def test_benches_registered_in_one_place():

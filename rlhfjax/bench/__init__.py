@@ -7,6 +7,7 @@
     python -m rlhfjax.bench ppo_update --epochs=4 --minibatch=4 --variant=shard_map
     python -m rlhfjax.bench rm_score --ensemble=4
     python -m rlhfjax.bench rl_iteration --algo=ppo     # the peer work (benchmarks/peers/); --long
+    python -m rlhfjax.bench sft --size=1b --dtype=bfloat16 --batch=8 --seq=1024   # benchmarks/gpu/
 
 Every run first measures the matmul peak in the same process and reports achieved FLOP/s as a
 ratio of it (on a shared CPU absolute numbers move with the load, the ratio much less).
@@ -15,19 +16,25 @@ ratio of it (on a shared CPU absolute numbers move with the load, the ratio much
 (`common.result`), ignoring flags it does not take. They live in lm.py (sample, sft), rl.py
 (rl_step, ppo_update, rl_iteration) and rm.py (rm_score), which import only `common.py`; each module's docstring
 says how its FLOPs are counted. Defaults suit a 2-core CPU; heavy imports happen inside functions.
+`--size` (`common.SIZES`: tiny, 1b) fills the model-shape flags of the benches that take them all
+(sample, sft, ppo_update, rm_score; explicit flags win); `sample` also reports decode tokens/s
+against the HBM roofline at the memory bandwidth it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 from typing import Callable
 
-from rlhfjax.bench.common import matmul_peak
+from rlhfjax.bench.common import SIZES, matmul_peak
 from rlhfjax.bench.lm import bench_sample, bench_sft
 from rlhfjax.bench.rl import bench_ppo_update, bench_rl_iteration, bench_rl_step
 from rlhfjax.bench.rm import bench_rm_score
 
-__all__ = ["BENCHES", "HEADER", "main", "matmul_peak", "memory_line", "peak_rows", "row"]
+__all__ = ["BENCHES", "HEADER", "SIZED", "SIZES", "main", "matmul_peak", "memory_line", "peak_rows",
+           "row"]
 
 BENCHES: dict[str, Callable[..., dict]] = {
     "sample": bench_sample,
@@ -37,6 +44,9 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "rm_score": bench_rm_score,
     "rl_iteration": bench_rl_iteration,  # last: its final line is s_per_iter_median=<seconds>
 }
+# The benches `--size` applies to: those taking every model-shape flag of a preset.
+SIZED = tuple(n for n, f in BENCHES.items()
+              if set(SIZES["1b"]) <= set(inspect.signature(f).parameters))
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -73,12 +83,35 @@ def _vocab(s: str):
   return int(s) if s.isdigit() else s
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not the usage block first
+    self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def _size(s: str) -> str:
+  if s not in SIZES:
+    raise argparse.ArgumentTypeError(f"unknown size {s!r}, choose from {', '.join(SIZES)}")
+  return s
+
+
+def _positive(s: str) -> int:
+  if not s.isdigit() or int(s) < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+  return int(s)
+
+
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m rlhfjax.bench",
-                              description="rlhfjax throughput / MFU benchmarks (Markdown rows).")
+  p = _Parser(prog="python -m rlhfjax.bench",
+              description="rlhfjax throughput / MFU benchmarks (Markdown rows).")
   p.add_argument("which", choices=[*BENCHES, "all"], help="one bench, or all of them in order")
+  presets = "; ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in d.items()) for k, d in SIZES.items())
+  p.add_argument("--size", type=_size, metavar="{" + ",".join(SIZES) + "}",
+                 help=f"model-shape preset of {', '.join(SIZED)} (explicit flags win): {presets}")
   p.add_argument("--d_model", type=int)
   p.add_argument("--n_layers", type=int)
+  p.add_argument("--head_dim", type=_positive, help="attention head width (heads = d_model / head_dim; "
+                                                    f"{', '.join(SIZED)}; default 64)")
+  p.add_argument("--d_ff", type=_positive, help=f"SwiGLU width ({', '.join(SIZED)}; default 3 x d_model)")
   p.add_argument("--vocab", type=_vocab, help="vocabulary (rl_step: its own tokenizer's; "
                                               "rl_iteration: arith16, the peer work's 16 tokens)")
   p.add_argument("--batch", type=int, help="sequences (rl_step: prompts)")
@@ -92,11 +125,17 @@ def parser() -> argparse.ArgumentParser:
                  help="rl_iteration: recompute the old log-probs even on-policy (rl.reuse_logprobs=False)")
   p.add_argument("--pack", type=lambda v: {"true": True, "false": False}[v.lower()], metavar="{true,false}",
                  help="rl_iteration: pack the rollout's sequences (rl.pack; default: true for long GRPO)")
+  p.add_argument("--share_prompt", action="store_true", default=None,
+                 help="rl_iteration (GRPO): each group's prompt once per forward (rl.share_prompt)")
   p.add_argument("--seq", type=int, help="sft, ppo_update, rm_score: sequence length")
   p.add_argument("--prompt", type=int, help="sample, ppo_update: prompt length")
   p.add_argument("--new_tokens", type=int, help="sample, rl_step: tokens generated per row")
   p.add_argument("--steps", type=int, help="timed calls after one warm-up call (median reported)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="model compute dtype")
+  p.add_argument("--param_dtype", choices=["float32", "bfloat16"],
+                 help="sample: the weights' storage dtype (default float32, the RL loop's)")
+  p.add_argument("--bandwidth_mib", type=_positive,
+                 help="sample: memory-bandwidth copy size in MiB (default 256 CPU / 2048 accelerators)")
   p.add_argument("--devices", choices=["one", "all"], help="one-device mesh (default) or all devices")
   p.add_argument("--remat", action="store_true", default=None,
                  help="sft, ppo_update, rl_iteration: rematerialize layers")
@@ -112,13 +151,18 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--variant", choices=["jit", "shard_map"],
                  help="rl_step, ppo_update: the jitted update or its shard_map variant")
   p.add_argument("--ensemble", type=int, help="rm_score: reward-model ensemble members")
+  p.add_argument("--json", metavar="PATH", help="also write the device, the peak and the row dicts to PATH")
   return p
 
 
 def main(argv=None) -> list[dict]:
   """Parse `argv` (default: sys.argv), print the Markdown rows, return the row dicts."""
-  args = parser().parse_args(argv)
-  overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("which", "matmul_n")}
+  p = parser()
+  args = p.parse_args(argv)
+  if args.size and args.which not in (*SIZED, "all"):
+    p.error(f"--size applies to {', '.join(SIZED)}, not {args.which}")
+  overrides = {k: v for k, v in vars(args).items()
+               if v is not None and k not in ("which", "matmul_n", "size", "json")}
 
   import jax
   peak = matmul_peak(args.matmul_n)
@@ -128,7 +172,8 @@ def main(argv=None) -> list[dict]:
     print(line, flush=True)
   results = []
   for name in (list(BENCHES) if args.which == "all" else [args.which]):
-    r = BENCHES[name](peak=peak, **overrides)
+    preset = SIZES[args.size] if args.size and name in SIZED else {}
+    r = BENCHES[name](peak=peak, **{**preset, **overrides})
     results.append(r)
     print(row(r), flush=True)
   for r in results:
@@ -136,4 +181,9 @@ def main(argv=None) -> list[dict]:
       print(line)
     for line in r.get("lines", ()):
       print(line)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+                 "device_count": jax.device_count(), "jax": jax.__version__, "peak": peak,
+                 "rows": results}, f, indent=1)
   return results

@@ -49,19 +49,57 @@ def matmul_peak(n: int | None = None, dtypes: tuple[str, ...] | None = None, ite
   return result
 
 
+def memory_bandwidth(mib: int | None = None, iters: int = 5, reps: int = 4,
+                     device=None) -> tuple[float, int]:
+  """(bytes/s, bytes of the array) of a jitted `x + 1` over a float32 array of `mib` MiB on `device`
+  (default the first): read + write = 2 x its bytes per call; `reps` chained calls per timing
+  (dispatch hidden), median of `iters`. Default 256 MiB on CPU, 2 GiB elsewhere (past any cache:
+  the HBM rate)."""
+  import jax
+  import jax.numpy as jnp
+  device = device or jax.devices()[0]
+  mib = mib or (256 if device.platform == "cpu" else 2048)
+  add = jax.jit(lambda x: x + 1)
+  x = jax.block_until_ready(add(jax.device_put(jnp.zeros((mib * 2**18,), jnp.float32), device)))
+
+  def chain():
+    y = x
+    for _ in range(reps):
+      y = add(y)
+    return y
+
+  return 2.0 * x.nbytes * reps / statistics.median(time_calls(chain, iters)), int(x.nbytes)
+
+
 def peak_for(peak: dict, dtype: str) -> float:
   return float(peak.get(dtype) or peak["float32"])
 
 
+# `--size` presets: the model-shape flags of the benches that take them all (sample, sft, ppo_update,
+# rm_score); explicit flags win. Heads = d_model / head_dim, GQA 2:1, tied embeddings (see below).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_layers": 2, "vocab": 512, "head_dim": 16, "d_ff": 192},  # CPU smoke tests
+    "1b": {"d_model": 2048, "n_layers": 16, "vocab": 32000, "head_dim": 128, "d_ff": 8192},  # Llama-like 1.07 B
+}
+
+
 def bench_model_config(*, vocab: int, d_model: int, n_layers: int, max_len: int, head_dim: int = 64,
-                       dtype: str = "float32", remat: bool = False):
-  """A standard-shaped model: heads = d_model / head_dim, GQA 2:1, SwiGLU width 3 x d_model."""
+                       d_ff: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
+                       remat: bool = False):
+  """A standard-shaped model: heads = d_model / head_dim, GQA 2:1, SwiGLU width `d_ff` (default
+  3 x d_model), weights stored in `param_dtype`."""
   from rlhfjax.models.transformer import TransformerConfig
   n_heads = max(1, d_model // head_dim)
   return TransformerConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                            n_kv_heads=max(1, n_heads // 2) if n_heads % 2 == 0 else n_heads,
-                           head_dim=head_dim, d_ff=3 * d_model, max_len=max_len, dtype=dtype,
-                           param_dtype="float32", remat=bool(remat))
+                           head_dim=head_dim, d_ff=d_ff or 3 * d_model, max_len=max_len, dtype=dtype,
+                           param_dtype=param_dtype, remat=bool(remat))
+
+
+def shape_tag(d_model: int, n_layers: int, vocab, head_dim: int = 64, d_ff: int | None = None) -> str:
+  """The model part of a row's config: `d512 L8 V8192`, + ` hd128 ff8192` where not the defaults."""
+  return (f"d{d_model} L{n_layers} V{vocab}" + (f" hd{head_dim}" if head_dim != 64 else "")
+          + (f" ff{d_ff}" if d_ff else ""))
 
 
 def make_mesh(devices: str):
@@ -91,6 +129,7 @@ def result(bench: str, config: str, *, params: int, tokens_per_s: float, flops_p
            **extra) -> dict:
   """The row dict every bench returns (`ratio` = achieved / the measured matmul peak)."""
   peak_v = peak_for(peak, dtype)
-  return {"bench": bench, "config": config, "params": params, "tokens_per_s": tokens_per_s,
-          "flops_per_s": flops_per_s, "peak_flops_per_s": peak_v, "ratio": flops_per_s / peak_v,
-          "step_s": step_s, "compile_s": compile_s, "memory": memory or {}, **extra}
+  return {"bench": bench, "config": config, "dtype": dtype, "params": params,
+          "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s, "peak_flops_per_s": peak_v,
+          "ratio": flops_per_s / peak_v, "step_s": step_s, "compile_s": compile_s,
+          "memory": memory or {}, **extra}

@@ -28,7 +28,7 @@ import statistics
 import time
 
 from rlhfjax.bench.common import (bench_model_config, compiled_memory, make_mesh, matmul_peak,
-                                  peak_for, result, time_calls)
+                                  peak_for, result, shape_tag, time_calls)
 
 
 def rl_core(algo, model_cfg, optim, total_steps: int, mesh, rules, *, variant: str = "jit",
@@ -396,6 +396,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
 
 
 def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int = 8192,
+                     head_dim: int = 64, d_ff: int | None = None,
                      batch: int = 8, seq: int = 256, prompt: int | None = None, epochs: int = 1,
                      minibatch: int = 0, microbatch: int = 0, steps: int = 2,
                      dtype: str = "float32", devices: str = "one", remat: bool = False,
@@ -414,8 +415,8 @@ def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab
   if not 0 < prompt < seq:
     raise ValueError(f"need 0 < prompt < seq, got prompt={prompt}, seq={seq}")
   n = seq - prompt
-  model = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers, max_len=seq, dtype=dtype,
-                             remat=remat)
+  model = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers, max_len=seq,
+                             head_dim=head_dim, d_ff=d_ff, dtype=dtype, remat=remat)
   cfg = AlgoConfig(algo="ppo", group_size=1, epochs=epochs, minibatch_size=minibatch or batch,
                    microbatch_size=microbatch, adaptive_kl=True)
   mesh, rules = make_mesh(devices), axes.DEFAULT_RULES
@@ -471,7 +472,7 @@ def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab
            f"ppo_update: matmul peak re-measured after the update: "
            f"{again[dtype if dtype in again else 'float32'] / 1e9:.3g} GFLOP/s; ratios use the larger"]
   return result("ppo_update",
-                f"d{d_model} L{n_layers} V{vocab} B{batch} T{seq} (P{prompt}+{n}) "
+                f"{shape_tag(d_model, n_layers, vocab, head_dim, d_ff)} B{batch} T{seq} (P{prompt}+{n}) "
                 f"E{epochs} mb{cfg.minibatch_size} {dtype} {variant}" + (" remat" if remat else ""),
                 params=2 * model.num_params(), tokens_per_s=batch * n * epochs / sec,
                 flops_per_s=update_flops / sec, peak=peak, dtype=dtype, step_s=sec,

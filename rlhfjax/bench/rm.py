@@ -15,12 +15,13 @@ from __future__ import annotations
 import statistics
 import time
 
-from rlhfjax.bench.common import bench_model_config, make_mesh, result, time_calls
+from rlhfjax.bench.common import bench_model_config, make_mesh, result, shape_tag, time_calls
 
 
 def bench_rm_score(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: int = 8192,
-                   batch: int = 64, seq: int = 256, steps: int = 3, dtype: str = "float32",
-                   devices: str = "one", ensemble: int = 1, **_) -> dict:
+                   head_dim: int = 64, d_ff: int | None = None, batch: int = 64, seq: int = 256,
+                   steps: int = 3, dtype: str = "float32", devices: str = "one", ensemble: int = 1,
+                   **_) -> dict:
   """Responses scored per second by the reward model (compile excluded)."""
   import jax
   import jax.numpy as jnp
@@ -28,7 +29,8 @@ def bench_rm_score(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: 
   from rlhfjax.parallel import replicated, shard_batch
   from rlhfjax.rewards.scorers import ensemble_score, score
 
-  cfg = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers, max_len=seq, dtype=dtype)
+  cfg = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers, max_len=seq,
+                           head_dim=head_dim, d_ff=d_ff, dtype=dtype)
   mesh = make_mesh(devices)
   keys = jax.random.split(jax.random.key(0), ensemble)
   if ensemble > 1:
@@ -46,7 +48,8 @@ def bench_rm_score(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: 
   sec = statistics.median(time_calls(lambda: fn(params, tokens, mask), steps))
   per_token = cfg.forward_flops_per_token(seq, lm_head=False) + 2 * d_model  # [D] -> 1 reward head
   return result("rm_score",
-                f"d{d_model} L{n_layers} B{batch} T{seq} {dtype}" + (f" N{ensemble}" if ensemble > 1 else ""),
+                f"{shape_tag(d_model, n_layers, vocab, head_dim, d_ff)} B{batch} T{seq} {dtype}"
+                + (f" N{ensemble}" if ensemble > 1 else ""),
                 params=cfg.num_params() * ensemble, tokens_per_s=batch * seq / sec,
                 flops_per_s=ensemble * batch * seq * per_token / sec, peak=peak, dtype=dtype,
                 step_s=sec, compile_s=compile_s, responses_per_s=batch / sec)
