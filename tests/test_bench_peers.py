@@ -106,6 +106,8 @@ def test_rl_iteration_command_tiny(capsys):
   assert parsed["s_per_iter_median"] > 0 and len(parsed["iterations"]) == 1
   it = parsed["iterations"][0]
   assert it["width"] == 4 and it["decoded"] == 4 and it["response_tokens"] == 16  # EOS off: all decoded
+  # short GRPO shares each group's prompt: 2 rows of 7 prompt slots + 2 x 4 response slots
+  assert r["config"].endswith("shared-prompt") and (it["rows"], it["slots"]) == (2, 15)
   assert {"sample", "score", "experience", "update", "total"} <= set(it)
   assert any(line.startswith("rl_iteration (grpo): analytic") and "of the matmul peak" in line
              for line in out)

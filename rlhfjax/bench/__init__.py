@@ -125,8 +125,9 @@ def parser() -> argparse.ArgumentParser:
                  help="rl_iteration: recompute the old log-probs even on-policy (rl.reuse_logprobs=False)")
   p.add_argument("--pack", type=lambda v: {"true": True, "false": False}[v.lower()], metavar="{true,false}",
                  help="rl_iteration: pack the rollout's sequences (rl.pack; default: true for long GRPO)")
-  p.add_argument("--share_prompt", action="store_true", default=None,
-                 help="rl_iteration (GRPO): each group's prompt once per forward (rl.share_prompt)")
+  p.add_argument("--share_prompt", type=lambda v: {"true": True, "false": False}[v.lower()],
+                 metavar="{true,false}", help="rl_iteration (GRPO): each group's prompt once per forward "
+                 "(rl.share_prompt; default: true for short GRPO)")
   p.add_argument("--seq", type=int, help="sft, ppo_update, rm_score: sequence length")
   p.add_argument("--prompt", type=int, help="sample, ppo_update: prompt length")
   p.add_argument("--new_tokens", type=int, help="sample, rl_step: tokens generated per row")

@@ -244,7 +244,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        prompts: int | None = None, group: int | None = None,
                        max_new: int | None = None, steps: int = 5, warmup: int = 1,
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
-                       pack: bool | None = None, share_prompt: bool = False, remat: bool = False,
+                       pack: bool | None = None, share_prompt: bool | None = None, remat: bool = False,
                        **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
@@ -258,7 +258,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   the old log-probs from their own forward even when on-policy (the path before the reuse).
   `pack` (`rl.pack`; default: on for long GRPO, whose one minibatch allows it): the forwards run
   over packed rows of real tokens instead of the trimmed padded batch. `share_prompt`
-  (`rl.share_prompt`, GRPO): one row per group, its prompt once. `remat`: layers
+  (`rl.share_prompt`; default: on for short GRPO, off with `pack`): one row per group, its prompt
+  once (on the long work packing is faster: a shared row holds one group). `remat`: layers
   rematerialized in the backward pass (on the 2-core CPU the update is ~15% faster so). Compile excluded: `warmup`
   untimed iterations first (with `long`, compiling every trimmed width or packed row count).
   """
@@ -300,7 +301,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                      kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"],
                      reuse_logprobs=not recompute_logprobs,
                      pack=bool(long and not share_prompt if pack is None else pack),
-                     share_prompt=bool(share_prompt))
+                     share_prompt=bool(not (long or pack) if share_prompt is None else share_prompt))
   else:
     minibatch = b // w["minibatches"] if b >= w["minibatches"] else b
     cfg = AlgoConfig(algo="ppo", group_size=1, epochs=w["epochs"], minibatch_size=minibatch,
