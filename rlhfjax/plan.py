@@ -97,7 +97,7 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
   from rlhfjax.sampling import Rollout, SamplingConfig, generate
   from rlhfjax.train.rl import (experience_shardings, make_experience_fn, make_rl_update,
                                 rl_state_shardings)
-  from rlhfjax.train.rl_stage import builtin_models, rl_configs
+  from rlhfjax.train.rl_stage import builtin_models, rl_configs, sampler_model
   from rlhfjax.train.state import state_shardings
   algo, optim, sampling, loop = rl_configs(config)
   cfg = model_config(config, preset)
@@ -138,21 +138,24 @@ def plan(config, mesh_shape, *, stage: str = "rl", preset: str = "", devices=Non
     out["programs"][name] = dict(fields, compile_s=time.perf_counter() - t0)
     return lowered
 
-  sampler = SamplingConfig(model=models.policy, max_new_tokens=n, eos_id=1, pad_id=0,
-                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                           layout=(mesh, rules))
+  sampler = SamplingConfig(model=sampler_model(models.policy, sampling.dtype), max_new_tokens=n,
+                           eos_id=1, pad_id=0, temperature=sampling.temperature, top_k=sampling.top_k,
+                           top_p=sampling.top_p, layout=(mesh, rules))
   ids = batch((b, p), jnp.int32)
   compile_("sampler", generate, (state.policy.params, ids, ids, rng), state.policy.params, config=sampler)
   packing = None
   if algo.packs:  # the worst case: one row per sequence (per group with share_prompt), all full
     from rlhfjax.models.sequence import Packing
-    rows = (b, p + n) if algo.pack else (b // algo.group_size, p - 1 + algo.group_size * n)
+    from rlhfjax.train.rl import batch_shards
+    shards = batch_shards(b, mesh, rules)  # share_lengths rounds the groups up to a multiple
+    groups = -(-(b // algo.group_size) // shards) * shards
+    rows = (b, p + n) if algo.pack else (groups, p - 1 + algo.group_size * n)
     packing = Packing(src=rep(jax.ShapeDtypeStruct(rows, jnp.int32)),
                       dst=rep(jax.ShapeDtypeStruct((b, n), jnp.int32)),
                       segments=rep(jax.ShapeDtypeStruct(rows, jnp.int32)))
   rollout = Rollout(prompt_ids=ids, prompt_mask=ids, response_ids=batch((b, n), jnp.int32),
                     response_mask=batch((b, n), jnp.float32), finished=batch((b,), jnp.bool_),
-                    packing=packing)
+                    packing=packing, logprobs=batch((b, n), jnp.float32))
   vparams = state.value.params if algo.separate_critic else None
   exp_fn = make_experience_fn(algo, models, mesh, rules, temperature=sampling.temperature)
   lowered = compile_("make_experience", exp_fn, (state.policy.params, ref, vparams, rollout,

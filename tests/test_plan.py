@@ -100,3 +100,15 @@ def test_update_is_split_over_the_batch_on_data_parallel(monkeypatch):
   split = temp()
   monkeypatch.setattr(rl, "traced_in_layout", lambda fn, mesh, rules: fn)
   assert split < temp() / 4
+
+
+def test_plan_with_shared_prompts_tis_and_a_bf16_sampler():
+  """`plan` compiles the shared-prompt worst case (3 groups on data:2: rounded up to 4 rows, as
+  `share_lengths` does), TIS (the rollout carries the sampler's log-probs) and a bf16 sampler."""
+  from tests import tiny
+  c = tiny.get_config()
+  c.rl_loop.prompts_per_iter, c.rl.group_size, c.rl.minibatch_size = 3, 4, 12
+  c.data.max_prompt_len, c.data.max_response_len = 8, 6
+  c.rl.share_prompt, c.rl.tis_cap, c.rl_sampling.dtype = True, 2.0, "bfloat16"
+  r = mp.plan(c, mp.parse_mesh("data:2"), devices=jax.devices()[:2])
+  assert {"sampler", "make_experience", "rl_update"} <= set(r["programs"])

@@ -129,3 +129,16 @@ def test_rl_stage_bfloat16_sampler_with_tis(tmp_path):
   for r in rows:
     assert 0.5 < r["tis_weight_mean"] < 2.0 and r["tis_weight_mean"] != 1.0
     assert 0.0 <= r["tis_capped_frac"] < 0.5
+
+
+def test_trimming_cuts_the_sampler_logprobs():
+  """`trim_rollout` (and the bench warm-up's `cut_responses`) cut the sampler's log-probs with the
+  responses, so experience sees matching [B, width] arrays and one jit signature per width."""
+  from rlhfjax.train.rl import cut_responses, trim_rollout
+  rollout, _ = _random_rollout(b=4, n=40)
+  rollout = rollout.replace(response_mask=rollout.response_mask * (np.arange(40) < 10),
+                            logprobs=np.arange(160, dtype=np.float32).reshape(4, 40))
+  cut = trim_rollout(jax.tree.map(jnp.asarray, rollout), AlgoConfig(group_size=4))
+  assert cut.response_ids.shape == cut.logprobs.shape == (4, 16)
+  np.testing.assert_array_equal(cut.logprobs, rollout.logprobs[:, :16])
+  assert cut_responses(rollout.replace(logprobs=None), 24).logprobs is None

@@ -111,7 +111,7 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   from rlhfjax.models.sequence import Packing, packed_row_counts, width_buckets
   from rlhfjax.parallel import replicated
   from rlhfjax.sampling import Rollout, generate
-  from rlhfjax.train.rl import batch_shards, pack_rollout
+  from rlhfjax.train.rl import batch_shards, cut_responses, pack_rollout
 
   def forwards(rollout, scores, i):
     nonlocal state
@@ -134,8 +134,7 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     scores = jax.block_until_ready(score(tokens, resp_mask, exs, rollout))
     t2 = time.perf_counter()
     for w in widths:  # warm-up only: compile every width a timed iteration may trim to
-      forwards(rollout.replace(response_ids=rollout.response_ids[:, :w],
-                               response_mask=rollout.response_mask[:, :w]), scores, i)
+      forwards(cut_responses(rollout, w), scores, i)
     for r, t in row_counts:  # warm-up only: every packed row shape (empty rows: only shapes matter)
       forwards(rollout.replace(packing=jax.device_put(Packing(
           src=np.full((r, t), -1, np.int32), dst=np.full(rollout.response_ids.shape, -1, np.int32),

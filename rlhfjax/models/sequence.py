@@ -95,6 +95,8 @@ def pack_lengths(pl, rl, p: int, n: int, rows_multiple: int = 1) -> Packing:
   b = pl.shape[0]
   if (pl < 1).any():
     raise ValueError("pack_plan: every prompt needs a real token")
+  if b >= SEGMENT_GROUP:  # segment ids b + 1 must stay below the shared-prompt ids' range
+    raise ValueError(f"pack_plan: batch {b} exceeds the segment-id range ({SEGMENT_GROUP - 1})")
   counts = packed_row_counts(b, rows_multiple)
   length, width = pl + rl, p + n
   rows, where = [], np.zeros((b, 2), np.int64)  # (row, offset) of each sequence
