@@ -95,6 +95,13 @@ def test_workdir_with_another_model_is_a_one_line_error(tmp_path):
   (tmp_path / "config.json").write_text(to_json(config))
   config.sft.steps = 99  # training length may change on resume
   check_resumable(config, str(tmp_path))
+  config.model.remat, config.model.attention = True, "dot_product"  # so may how the model computes
+  check_resumable(config, str(tmp_path))
+  import json
+  old = json.loads(to_json(config))
+  del old["model"]["attention"]  # and a workdir written before a compute key existed resumes
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  check_resumable(config, str(tmp_path))
   config.model.d_model = 64
   with pytest.raises(ValueError, match=r"different config \(model.d_model differ\); use a new"):
     check_resumable(config, str(tmp_path))

@@ -141,6 +141,9 @@ def stage_list(config) -> list[str]:
 
 # Sections whose change makes existing checkpoints / data / tokenizer in a workdir unusable.
 SHAPE_SECTIONS = ("seed", "model", "tokenizer", "data")
+# model keys that say how to compute, not what: they may change on resume (and a workdir written
+# before a key existed resumes)
+COMPUTE_KEYS = ("model.remat", "model.attention")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -185,7 +188,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path) as f:
     old = _flatten({k: v for k, v in json.load(f).items() if k in SHAPE_SECTIONS})
   new = _flatten({k: v for k, v in json.loads(to_json(config)).items() if k in SHAPE_SECTIONS})
-  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in COMPUTE_KEYS)
   if diff and _bound(workdir):
     raise ValueError(f"workdir {workdir} holds a run with a different config ({', '.join(diff[:6])}"
                      f"{' ...' if len(diff) > 6 else ''} differ); use a new --workdir or delete it")
