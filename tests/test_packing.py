@@ -45,11 +45,26 @@ def test_pack_plan_places_every_token_once():
     pack_plan(pm[:, ::-1], rm)
 
 
-@pytest.mark.parametrize("model", [PolicyModel, PolicyValueModel])
-def test_packed_token_stats_equal_padded(model):
-  pid, pm, rid, rm = _batch()
-  packing = jax.tree.map(jnp.asarray, pack_plan(pm, rm))
-  m = model(CFG)
+def _plan(kind):
+  """(prompt ids, prompt mask, response ids, response mask, Packing) of a batch, packed (`pack_plan`)
+  or with shared prompts (`share_lengths`, groups of 4)."""
+  from rlhfjax.models.sequence import share_lengths
+  if kind == "pack":
+    pid, pm, rid, rm = _batch()
+    return pid, pm, rid, rm, jax.tree.map(jnp.asarray, pack_plan(pm, rm))
+  pid, pm, rid, rm = _grouped()
+  return pid, pm, rid, rm, jax.tree.map(jnp.asarray, share_lengths(pm.sum(1), rm.sum(1), 6, 12, 4))
+
+
+@pytest.mark.parametrize("kind,model,cfg", [("pack", PolicyModel, "CFG"), ("pack", PolicyValueModel, "CFG"),
+                                            ("share", PolicyModel, "CFG"), ("share", PolicyValueModel, "CFG"),
+                                            ("share", PolicyModel, "LOCAL")])
+def test_packed_token_stats_equal_padded(kind, model, cfg):
+  """Log-probs, entropy (and an actor-critic's values) and their gradients over packed or
+  shared-prompt rows equal the padded forward's (1e-5), jitted; a sliding window counts positions,
+  not slots."""
+  pid, pm, rid, rm, packing = _plan(kind)
+  m = model(globals()[cfg])
   params = init_params(m, jax.random.key(0))
   values = model is PolicyValueModel
   f = lambda p, pk: response_token_stats(p, m, pid, pm, rid, rm, 0.7, values=values,  # noqa: E731
@@ -165,26 +180,6 @@ def test_share_plan_puts_each_prompt_once():
 
 LOCAL = TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                           d_ff=64, max_len=64, layer_types=("local", "global"), sliding_window=3)
-
-
-@pytest.mark.parametrize("model,cfg", [(PolicyModel, CFG), (PolicyValueModel, CFG), (PolicyModel, LOCAL)])
-def test_shared_prompt_token_stats_equal_padded(model, cfg):
-  """Log-probs, entropy (and an actor-critic's values) and their gradients over shared-prompt rows
-  equal the padded forward's (1e-5), jitted; a sliding window counts positions, not slots."""
-  from rlhfjax.models.sequence import share_lengths
-  pid, pm, rid, rm = _grouped()
-  packing = jax.tree.map(jnp.asarray, share_lengths(pm.sum(1), rm.sum(1), 6, 12, 4))
-  m = model(cfg)
-  params = init_params(m, jax.random.key(0))
-  values = model is PolicyValueModel
-  f = lambda p, pk: response_token_stats(p, m, pid, pm, rid, rm, 0.7, values=values,  # noqa: E731
-                                         packing=pk)
-  for padded, shared in zip(f(params, None), jax.jit(f)(params, packing)):
-    if padded is not None:
-      np.testing.assert_allclose(shared * rm, padded * rm, atol=1e-5)
-  loss = lambda p, pk: (f(p, pk)[0] * rm).sum()  # noqa: E731
-  chex.assert_trees_all_close(jax.jit(jax.grad(loss))(params, packing), jax.grad(loss)(params, None),
-                              atol=1e-5)
 
 
 def test_shared_prompt_values_equal_padded():

@@ -590,9 +590,12 @@ def pack_rollout(rollout: Rollout, algo: AlgoConfig, mesh, rules) -> Rollout:
   if not algo.packs:
     return trim_rollout(rollout, algo)
   (b, p), n = rollout.prompt_ids.shape, rollout.response_ids.shape[1]
-  pl, rl_ = np.asarray(_lengths(mesh)(rollout.prompt_mask, rollout.response_mask))
+  group = algo.group_size if algo.share_prompt else 1
+  lengths, shared = jax.device_get(_lengths(mesh, group)(rollout.prompt_ids, rollout.prompt_mask,
+                                                         rollout.response_mask))  # one transfer
+  pl, rl_ = np.asarray(lengths)
   if algo.share_prompt:
-    if not bool(_groups_share_prompts(mesh, algo.group_size)(rollout.prompt_ids, rollout.prompt_mask)):
+    if not bool(shared):
       raise ValueError(f"rl.share_prompt: the rollout's groups of {algo.group_size} consecutive rows "
                        f"do not each share one prompt")
     plan = share_lengths(pl, rl_, p, n, algo.group_size, batch_shards(b, mesh, rules))
@@ -601,25 +604,19 @@ def pack_rollout(rollout: Rollout, algo: AlgoConfig, mesh, rules) -> Rollout:
   return rollout.replace(packing=jax.device_put(plan, replicated(mesh)))
 
 
-@functools.lru_cache(maxsize=None)
-def _groups_share_prompts(mesh, group: int):
-  """Jitted: whether each `group` consecutive rows have one prompt (ids and mask), replicated."""
-  def same(ids, mask):
-    ok = lambda x: jnp.all(x.reshape(-1, group, x.shape[1]) == x[::group][:, None])  # noqa: E731
-    return ok(ids * (mask > 0)) & ok(mask > 0)
-  return jax.jit(same, out_shardings=replicated(mesh))
-
-
 def batch_shards(b: int, mesh, rules) -> int:
   """How many pieces the batch axis of a `b`-row batch is split into on `mesh`."""
   return b // batch_sharding(mesh, 2, rules).shard_shape((b, 1))[0]
 
 
 @functools.lru_cache(maxsize=None)
-def _lengths(mesh):
-  """Jitted (prompt, response) lengths [2, B], replicated on `mesh`: readable on every process."""
-  return jax.jit(lambda pm, rm: jnp.stack([(pm > 0).sum(1), (rm > 0).sum(1)]),
-                 out_shardings=replicated(mesh))
+def _lengths(mesh, group: int = 1):
+  """Jitted (prompt, response) lengths [2, B] and whether each `group` consecutive rows have one
+  prompt (ids and mask; True for group 1), replicated on `mesh`: readable on every process."""
+  def lengths(ids, pm, rm):
+    same = lambda x: jnp.all(x.reshape(-1, group, x.shape[1]) == x[::group][:, None])  # noqa: E731
+    return jnp.stack([(pm > 0).sum(1), (rm > 0).sum(1)]), same(ids * (pm > 0)) & same(pm > 0)
+  return jax.jit(lengths, out_shardings=replicated(mesh))
 
 
 def make_rl_update(algo: AlgoConfig, models: RLModels, policy_tx, value_tx, shardings, mesh, rules,
