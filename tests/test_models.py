@@ -187,8 +187,32 @@ def test_linear_matches_einsum_values_and_grads(name, dtype, jit):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_matches_the_plain_product_values_and_grads(activation, dtype, jit):
+  # `gated` only changes what the backward pass keeps: values and both gradients equal act(g) * u's
+  from rlhfjax.models.transformer import gated
+  act = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[activation]
+  rng = np.random.default_rng(1)
+  gate, up = (jnp.asarray(rng.normal(size=(3, 5, 16)) * 3, dtype) for _ in range(2))
+  cot = jnp.asarray(rng.normal(size=(3, 5, 16)), dtype)
+  loss = lambda f: lambda g, u: (f(g, u) * cot).astype(jnp.float32).sum()  # noqa: E731
+  ours = jax.value_and_grad(loss(lambda g, u: gated(activation, g, u)), argnums=(0, 1))
+  ref = jax.value_and_grad(loss(lambda g, u: act(g) * u), argnums=(0, 1))
+  if jit:
+    ours, ref = jax.jit(ours), jax.jit(ref)
+  (v, (dg, du)), (rv, (rdg, rdu)) = ours(gate, up), ref(gate, up)
+  assert dg.dtype == gate.dtype and du.dtype == up.dtype
+  tol = 1e-5 if dtype == "float32" else 5e-2
+  np.testing.assert_allclose(v, rv, rtol=tol)
+  for a, b in ((dg, rdg), (du, rdu)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
 def test_model_grads_equal_the_plain_einsum_model(monkeypatch):
-  # the whole policy's parameter gradient with `linear` equals the one with plain einsums (1e-5)
+  # the whole policy's parameter gradient with `linear` and `gated` equals the one with plain
+  # einsums and the plain gated product (1e-5)
   import rlhfjax.models.heads as heads
   import rlhfjax.models.transformer as transformer
   cfg = dataclasses.replace(CFG, tie_embeddings=False)
@@ -200,5 +224,6 @@ def test_model_grads_equal_the_plain_einsum_model(monkeypatch):
   plain = lambda spec, x, w: jnp.einsum(spec, x, w)  # noqa: E731
   monkeypatch.setattr(transformer, "linear", plain)
   monkeypatch.setattr(heads, "linear", plain)
+  monkeypatch.setattr(transformer, "gated", lambda a, g, u: transformer.GATE_ACTIVATIONS[a](g) * u)
   ref = jax.jit(jax.grad(loss))(params)
   chex.assert_trees_all_close(ours, ref, atol=1e-5, rtol=1e-5)

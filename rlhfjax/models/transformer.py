@@ -326,8 +326,38 @@ class MLP(nn.Module):
     w_down = self.param("w_down", _dense_init((ax.MLP, ax.EMBED)), (cfg.d_ff, cfg.d_model), pdt)
     gate = linear("BTD,DF->BTF", x, w_gate.astype(dt))  # [batch, time, d_ff]
     up = linear("BTD,DF->BTF", x, w_up.astype(dt))
-    act = nn.silu(gate) if cfg.mlp_activation == "silu" else nn.gelu(gate, approximate=True)
-    return linear("BTF,FD->BTD", act * up, w_down.astype(dt))
+    return linear("BTF,FD->BTD", gated(cfg.mlp_activation, gate, up), w_down.astype(dt))
+
+
+GATE_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated(activation: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+  """The gated MLP's `act(gate) * up`, keeping only `gate` and `up` for the backward pass.
+
+  It recomputes `act(gate)` there. Under `jax.grad` of the plain product, the layer scan also
+  stacked `act(gate)` and its intermediates: [layers, batch, time, d_ff] buffers, each
+  zero-filled and then written once per layer. Dropping them made the 4.2 M-parameter update's
+  gradient ~10 % faster on XLA:CPU. Same math as the plain product.
+  """
+  return GATE_ACTIVATIONS[activation](gate) * up
+
+
+def _gated_fwd(activation, gate, up):
+  return gated(activation, gate, up), (gate, up)
+
+
+def _gated_bwd(activation, res, g):
+  gate, up = res
+  if activation == "silu":  # silu' = s (1 + x (1 - s)), s = sigmoid(x)
+    s = jax.nn.sigmoid(gate)
+    return g * up * s * (1 + gate * (1 - s)), g * gate * s
+  act, act_vjp = jax.vjp(GATE_ACTIVATIONS[activation], gate)
+  return act_vjp(g * up)[0], g * act
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 class Block(nn.Module):
