@@ -19,6 +19,7 @@ def model_config():
   m.dtype = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
   m.param_dtype = "float32"  # parameter storage dtype
   m.remat = False  # recompute layer activations in the backward pass
+  m.remat_policy = "full"  # what a recomputed layer keeps: full (nothing) | dots (its matmul outputs)
   m.attention = "einsum"  # no-cache attention: einsum | dot_product (jax.nn.dot_product_attention)
   m.hf_path = ""  # a Hugging Face checkpoint directory: its config.json replaces the fields above
   return m

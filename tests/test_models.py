@@ -56,16 +56,22 @@ def test_padding_does_not_change_real_tokens():
   chex.assert_trees_all_close(a, b[:, 3:], atol=1e-5)
 
 
-def test_remat_same_values_and_grads():
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_same_values_and_grads(policy):
   tokens, pos, mask = _inputs()
   params = init_params(PolicyModel(CFG), jax.random.key(2))
   def loss(p, cfg):
     logits, _ = apply(PolicyModel(cfg), {"params": p}, tokens, pos, mask)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
-  remat = TransformerConfig(**{**CFG.__dict__, "remat": True})
+  remat = TransformerConfig(**{**CFG.__dict__, "remat": True, "remat_policy": policy})
   g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, CFG)
   g2 = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
   chex.assert_trees_all_close(g1, g2, atol=1e-6)
+
+
+def test_remat_policy_names_its_choices():
+  with pytest.raises(ValueError, match=r"remat_policy must be one of \['dots', 'full'\], got 'some'"):
+    TransformerConfig(**{**CFG.__dict__, "remat_policy": "some"})
 
 
 def test_untied_head_and_bf16_compute():

@@ -96,6 +96,7 @@ def test_workdir_with_another_model_is_a_one_line_error(tmp_path):
   config.sft.steps = 99  # training length may change on resume
   check_resumable(config, str(tmp_path))
   config.model.remat, config.model.attention = True, "dot_product"  # so may how the model computes
+  config.model.remat_policy = "dots"
   check_resumable(config, str(tmp_path))
   import json
   old = json.loads(to_json(config))

@@ -81,9 +81,11 @@ def test_hf_path_reads_only_config_json(tmp_path):
   cfg = mp.model_config(c)
   assert (cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.n_kv_heads, cfg.param_dtype) == (
       4096, 3, 128256, 8, "bfloat16")
-  assert (cfg.remat, cfg.attention) == (False, "einsum")
+  assert (cfg.remat, cfg.remat_policy, cfg.attention) == (False, "full", "einsum")
   c.model.remat, c.model.attention = True, "dot_product"  # how to compute applies to a checkpoint too
-  assert (mp.model_config(c).remat, mp.model_config(c).attention) == (True, "dot_product")
+  c.model.remat_policy = "dots"
+  got = mp.model_config(c)
+  assert (got.remat, got.remat_policy, got.attention) == (True, "dots", "dot_product")
 
 
 def test_update_is_split_over_the_batch_on_data_parallel(monkeypatch):

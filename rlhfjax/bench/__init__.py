@@ -138,8 +138,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--bandwidth_mib", type=_positive,
                  help="sample: memory-bandwidth copy size in MiB (default 256 CPU / 2048 accelerators)")
   p.add_argument("--devices", choices=["one", "all"], help="one-device mesh (default) or all devices")
-  p.add_argument("--remat", action="store_true", default=None,
-                 help="sft, ppo_update, rl_iteration: rematerialize layers")
+  p.add_argument("--remat", nargs="?", const="full", choices=["none", "full", "dots"], default=None,
+                 help="sft, ppo_update, rl_iteration: rematerialize layers; the value is what a "
+                      "layer keeps (model.remat_policy; bare --remat = full; rl_iteration's "
+                      "default: dots)")
   p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
   p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "reinforce_pp", "best_of_n"],
                  help="rl_step: the RL algorithm (rl_iteration: grpo or ppo)")

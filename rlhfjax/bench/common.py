@@ -85,15 +85,29 @@ SIZES: dict[str, dict[str, int]] = {
 
 def bench_model_config(*, vocab: int, d_model: int, n_layers: int, max_len: int, head_dim: int = 64,
                        d_ff: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
-                       remat: bool = False):
+                       remat: bool | str = False):
   """A standard-shaped model: heads = d_model / head_dim, GQA 2:1, SwiGLU width `d_ff` (default
-  3 x d_model), weights stored in `param_dtype`."""
+  3 x d_model), weights stored in `param_dtype`; `remat` as in `remat_fields`."""
   from rlhfjax.models.transformer import TransformerConfig
   n_heads = max(1, d_model // head_dim)
   return TransformerConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                            n_kv_heads=max(1, n_heads // 2) if n_heads % 2 == 0 else n_heads,
                            head_dim=head_dim, d_ff=d_ff or 3 * d_model, max_len=max_len, dtype=dtype,
-                           param_dtype=param_dtype, remat=bool(remat))
+                           param_dtype=param_dtype, **remat_fields(remat))
+
+
+def remat_fields(remat: bool | str | None) -> dict:
+  """`TransformerConfig`'s remat fields for a bench's `--remat`: off (False, None, "none"), True
+  ("full") or a `remat_policy` name."""
+  if not remat or remat == "none":
+    return {"remat": False}
+  return {"remat": True, "remat_policy": "full" if remat is True else remat}
+
+
+def remat_tag(remat: bool | str | None) -> str:
+  """A row's config suffix: "", " remat" (full) or " remat=dots"."""
+  f = remat_fields(remat)
+  return "" if not f["remat"] else " remat" if f["remat_policy"] == "full" else f" remat={f['remat_policy']}"
 
 
 def shape_tag(d_model: int, n_layers: int, vocab, head_dim: int = 64, d_ff: int | None = None) -> str:

@@ -21,7 +21,7 @@ import statistics
 import time
 
 from rlhfjax.bench.common import (bench_model_config, compiled_memory, make_mesh, memory_bandwidth,
-                                  result, shape_tag, time_calls)
+                                  remat_tag, result, shape_tag, time_calls)
 
 
 def decode_roofline(cfg, *, batch: int, prompt: int, new_tokens: int, weight_bytes: float,
@@ -101,7 +101,7 @@ def bench_sample(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: in
 
 def bench_sft(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int = 8192,
               head_dim: int = 64, d_ff: int | None = None, batch: int = 4, seq: int = 256,
-              steps: int = 2, dtype: str = "float32", devices: str = "one", remat: bool = False,
+              steps: int = 2, dtype: str = "float32", devices: str = "one", remat: bool | str = False,
               **_) -> dict:
   """The jitted, sharded, donated SFT step (`make_sft_step`) on random tokens: tokens/s and FLOP/s."""
   import jax
@@ -135,7 +135,7 @@ def bench_sft(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int =
   sec = statistics.median(time_calls(call, steps))
   n_tokens = batch * seq
   return result("sft", f"{shape_tag(d_model, n_layers, vocab, head_dim, d_ff)} B{batch} T{seq} {dtype}"
-                + (" remat" if remat else ""),
+                + remat_tag(remat),
                 params=cfg.num_params(), tokens_per_s=n_tokens / sec,
                 flops_per_s=3.0 * cfg.forward_flops_per_token(seq) * n_tokens / sec, peak=peak,
                 dtype=dtype, step_s=sec, compile_s=compile_s, memory=memory)

@@ -28,7 +28,8 @@ import statistics
 import time
 
 from rlhfjax.bench.common import (bench_model_config, compiled_memory, make_mesh, matmul_peak,
-                                  peak_for, result, shape_tag, time_calls)
+                                  peak_for, remat_fields, remat_tag, result, shape_tag,
+                                  time_calls)
 
 
 def rl_core(algo, model_cfg, optim, total_steps: int, mesh, rules, *, variant: str = "jit",
@@ -243,8 +244,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        prompts: int | None = None, group: int | None = None,
                        max_new: int | None = None, steps: int = 5, warmup: int = 1,
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
-                       pack: bool | None = None, share_prompt: bool | None = None, remat: bool = False,
-                       **_) -> dict:
+                       pack: bool | None = None, share_prompt: bool | None = None,
+                       remat: bool | str | None = None, **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -259,8 +260,10 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   over packed rows of real tokens instead of the trimmed padded batch. `share_prompt`
   (`rl.share_prompt`; default: on for short GRPO, off with `pack`): one row per group, its prompt
   once (on the long work packing is faster: a shared row holds one group). `remat`: layers
-  rematerialized in the backward pass (on the 2-core CPU the update is ~15% faster so). Compile excluded: `warmup`
-  untimed iterations first (with `long`, compiling every trimmed width or packed row count).
+  rematerialized in the backward pass, keeping what `model.remat_policy` says (`common.remat_fields`;
+  default "dots": ~5 % faster iterations than without remat on the 2-core CPU, every workload).
+  Compile excluded: `warmup` untimed iterations first (with `long`, compiling every trimmed width
+  or packed row count).
   """
   import json
 
@@ -293,7 +296,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                             d_ff=w["d_ff"] * d_model // w["d_model"], max_len=p + max_new,
                             rope_base=w["rope_theta"], norm_eps=w["rms_norm_eps"],
                             tie_embeddings=w["tie_embeddings"], embed_scale=False, dtype=w["dtype"],
-                            remat=bool(remat))
+                            **remat_fields("dots" if remat is None else remat))
   b = prompts * group
   if algo == "grpo":
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
@@ -388,7 +391,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                                         for k, x in r.items()} for r in runs]),
            f"s_per_iter_median={sec:.6f}"]
   config = (f"{algo} d{d_model} L{n_layers} H{n_heads} V{v} {prompts}x{group} P{p}+{max_new}"
-            f"{' eos' if w['eos'] else ''} float32{' remat' if remat else ''}{' packed' if cfg.pack else ''}{' shared-prompt' if cfg.share_prompt else ''}")
+            f"{' eos' if w['eos'] else ''} float32{remat_tag(model.remat and model.remat_policy)}{' packed' if cfg.pack else ''}{' shared-prompt' if cfg.share_prompt else ''}")
   return result("rl_iteration", config, params=model.num_params() + model.d_model * v,
                 tokens_per_s=statistics.median(r["response_tokens"] for r in runs) / sec,
                 flops_per_s=fl / sec, peak=peak, dtype="float32", step_s=sec, compile_s=compile_s,
@@ -399,7 +402,7 @@ def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab
                      head_dim: int = 64, d_ff: int | None = None,
                      batch: int = 8, seq: int = 256, prompt: int | None = None, epochs: int = 1,
                      minibatch: int = 0, microbatch: int = 0, steps: int = 2,
-                     dtype: str = "float32", devices: str = "one", remat: bool = False,
+                     dtype: str = "float32", devices: str = "one", remat: bool | str = False,
                      variant: str = "jit", **_) -> dict:
   """Response tokens/s and FLOP/s of one jitted PPO update (policy + critic, `epochs` x minibatches,
   compile excluded) on `batch` random sequences of `seq` real tokens, `prompt` (default `seq // 4`)
@@ -473,7 +476,7 @@ def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab
            f"{again[dtype if dtype in again else 'float32'] / 1e9:.3g} GFLOP/s; ratios use the larger"]
   return result("ppo_update",
                 f"{shape_tag(d_model, n_layers, vocab, head_dim, d_ff)} B{batch} T{seq} (P{prompt}+{n}) "
-                f"E{epochs} mb{cfg.minibatch_size} {dtype} {variant}" + (" remat" if remat else ""),
+                f"E{epochs} mb{cfg.minibatch_size} {dtype} {variant}" + remat_tag(remat),
                 params=2 * model.num_params(), tokens_per_s=batch * n * epochs / sec,
                 flops_per_s=update_flops / sec, peak=peak, dtype=dtype, step_s=sec,
                 compile_s=compile_s, memory=memory, lines=lines, experience_s=exp_sec)

@@ -38,6 +38,10 @@ Cache = dict[str, tuple[jax.Array, ...]]  # {"k", "v"}: one [B, K, S, H] array p
 ACTIVATIONS = (ax.BATCH, ax.LENGTH, None)
 
 
+# `TransformerConfig.remat_policy`: what a rematerialized layer saves (`jax.checkpoint` policies)
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Static model hyper-parameters (hashable, safe as a jit static argument)."""
@@ -55,6 +59,11 @@ class TransformerConfig:
   dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
   param_dtype: str = "float32"  # storage dtype of parameters
   remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
+  # What a rematerialized layer keeps for the backward pass (`REMAT_POLICIES`): "full" nothing (the
+  # layer's forward runs again); "dots" the outputs of its weight matmuls (projections, MLP), so only
+  # norms, activations and attention are recomputed: on XLA:CPU the 4.2 M-parameter update's
+  # gradient is ~8 % faster than without remat (fewer scan buffers to fill), at no matmul cost.
+  remat_policy: str = "full"
   norm_eps: float = 1e-6
   # --- family switches (defaults: the original rlhfjax model; see rlhfjax/models/hf.py) ---
   embed_scale: bool = True  # inputs = embedding * sqrt(d_model), the constant rounded to the embedding's dtype (Gemma); False: Llama/Qwen
@@ -90,6 +99,8 @@ class TransformerConfig:
       raise ValueError("local layers need sliding_window >= 1")
     if self.mlp_activation not in ("silu", "gelu_tanh"):
       raise ValueError(f"mlp_activation must be 'silu' or 'gelu_tanh', got {self.mlp_activation!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
     if self.attention not in ("einsum", "dot_product"):
       raise ValueError(f"attention must be 'einsum' or 'dot_product', got {self.attention!r}")
     if self.rope_scaling not in ("none", "linear", "llama3"):
@@ -395,7 +406,8 @@ class Trunk(nn.Module):
         "embedding",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model ** -0.5), (ax.VOCAB, ax.EMBED)),
         (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
-    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    block = (nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
+             if cfg.remat else Block)
     self.layers = nn.scan(
         block,
         variable_axes={"params": 0},

@@ -95,8 +95,9 @@ def prepare_tokenizer(config, workdir, train_examples):
 
 def compute_options(cfg: TransformerConfig, model_section) -> TransformerConfig:
   """`cfg` (a checkpoint's architecture) with the experiment's how-to-compute settings from
-  `config.model`: `remat` and `attention`."""
+  `config.model`: `remat`, `remat_policy` and `attention`."""
   return dataclasses.replace(cfg, remat=bool(model_section.get("remat", False)),
+                             remat_policy=model_section.get("remat_policy", "full"),
                              attention=model_section.get("attention", "einsum"))
 
 
@@ -143,7 +144,7 @@ def stage_list(config) -> list[str]:
 SHAPE_SECTIONS = ("seed", "model", "tokenizer", "data")
 # model keys that say how to compute, not what: they may change on resume (and a workdir written
 # before a key existed resumes)
-COMPUTE_KEYS = ("model.remat", "model.attention")
+COMPUTE_KEYS = ("model.remat", "model.remat_policy", "model.attention")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
