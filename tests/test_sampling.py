@@ -60,6 +60,31 @@ def test_growing_cache_matches_one_cache():
   assert int(outs[0].lengths.max()) > 32  # the last stage ran
 
 
+def test_prompt_groups_prefill_once_with_the_same_samples():
+  """Three prompts x 4 samples, contiguous groups: prefilling each group's first row and copying
+  its cache gives the same tokens, mask and log-probs (1e-5) as prefilling all 12 rows, on one
+  cache and on a growing one; the log-probs still match a full no-cache forward. A batch that is
+  not whole groups, or a group size below 1, is refused in one line."""
+  cfg_model = dataclasses.replace(CFG, max_len=48)
+  params = init_params(PolicyModel(cfg_model), jax.random.key(6))
+  ids, mask = (jnp.repeat(a, 4, axis=0) for a in _prompts())
+  for grow in (True, False):
+    outs = [generate(params, ids, mask, jax.random.key(7),
+                     SamplingConfig(model=cfg_model, max_new_tokens=40, eos_id=EOS, grow_cache=grow,
+                                    prompt_group=g)) for g in (1, 4)]
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_array_equal(outs[0].mask, outs[1].mask)
+    chex.assert_trees_all_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(outs[1].tokens)}) > 3  # the group's rows differ
+    full = response_logprobs(params, cfg_model, ids, mask, outs[1].tokens, outs[1].mask, 1.0)
+    chex.assert_trees_all_close(outs[1].logprobs, full, atol=1e-5)
+  with pytest.raises(ValueError, match="batch 12 is not a whole number of prompt groups of 5"):
+    generate(params, ids, mask, jax.random.key(7),
+             SamplingConfig(model=cfg_model, max_new_tokens=4, eos_id=EOS, prompt_group=5))
+  with pytest.raises(ValueError, match="prompt_group must be >= 1, got 0"):
+    SamplingConfig(model=cfg_model, max_new_tokens=4, eos_id=EOS, prompt_group=0)
+
+
 def test_width_buckets():
   assert width_buckets(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
   assert width_buckets(40) == [16, 24, 32, 40] and width_buckets(8) == [8]

@@ -274,7 +274,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   from rlhfjax.models.heads import RewardModel
   from rlhfjax.models.init import init_params
   from rlhfjax.models.transformer import TransformerConfig
-  from rlhfjax.parallel import axes, replicated
+  from rlhfjax.parallel import axes, data_parallel_size, replicated
   from rlhfjax.rewards.scorers import score as rm_score
   from rlhfjax.sampling import SamplingConfig
   from rlhfjax.train.rl import AlgoConfig, RLOptimConfig
@@ -314,7 +314,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                         warmup_steps=1, grad_clip=w["grad_clip"])
   mesh, rules = make_mesh(devices), axes.DEFAULT_RULES
   sc = SamplingConfig(model=model, max_new_tokens=max_new, eos_id=work.EOS_ID if w["eos"] else -1,
-                      pad_id=work.PAD_ID, temperature=w["temperature"], layout=(mesh, rules))
+                      pad_id=work.PAD_ID, temperature=w["temperature"], layout=(mesh, rules),
+                      prompt_group=group if prompts % data_parallel_size(mesh, rules) == 0 else 1)
   state, ref, experience_fn, update_fn = rl_core(
       cfg, model, optim, 1000, mesh, rules, temperature=sc.temperature,
       ref_key=jax.random.key(2) if algo == "ppo" else None)  # GRPO: the reference = the start policy

@@ -40,8 +40,15 @@ class SamplingConfig:
   # Grow the KV cache in power-of-two stages (`cache_widths`) so each decode step reads only the
   # slots a response can have filled so far; False: one cache of the whole budget from the start.
   grow_cache: bool = True
+  # Rows come in contiguous groups of this many that share one prompt (GRPO's samples per prompt):
+  # a policy with a KV cache prefills each group's first row only and copies its cache and
+  # next-token logits to the group's rows. 1: every row prefilled. With a `layout`, the groups
+  # (batch // prompt_group) must split over its batch shards.
+  prompt_group: int = 1
 
   def __post_init__(self):
+    if self.prompt_group < 1:
+      raise ValueError(f"prompt_group must be >= 1, got {self.prompt_group}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if not self.greedy and self.temperature <= 0:
@@ -163,8 +170,14 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
     if hasattr(model, "decode_params"):
       params = model.decode_params(params)
     widths = cache_widths(n) if config.grow_cache else [n]
-    logits, cache = apply(prompt_ids, positions_from_mask(prompt_mask), key_mask[:, :p + widths[0]],
-                          model.init_cache(b, p + widths[0]), 0)
+    g = config.prompt_group
+    if b % g:
+      raise ValueError(f"batch {b} is not a whole number of prompt groups of {g}")
+    first = slice(None, None, g)  # each group's first row; its cache and logits serve the group
+    logits, cache = apply(prompt_ids[first], positions_from_mask(prompt_mask[first]),
+                          key_mask[first, :p + widths[0]], model.init_cache(b // g, p + widths[0]), 0)
+    if g > 1:
+      logits, cache = jax.tree.map(lambda a: jnp.repeat(a, g, axis=0), (logits, cache))
 
     def next_logits(s: _State, token, key_mask, width):  # one new token through the cache (p + width slots)
       logits, cache = apply(token[:, None], (prompt_len + s.step)[:, None], key_mask[:, :p + width],
