@@ -360,7 +360,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     n, slots, full = r["decoded"], r["slots"], p + max_new
     b_seq = r["rows"] * slots  # token slots of each forward after sampling
     fwd = model.forward_flops_per_token
-    out = b * p * fwd(p) + b * n * fwd(2 * p + n)  # prefill + decode (every row, every step)
+    # prefill (one row per prompt group) + decode (every row, every step)
+    out = b // sc.prompt_group * p * fwd(p) + b * n * fwd(2 * p + n)
     models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
     trained = fwd(slots)
     if algo == "ppo":
