@@ -85,6 +85,16 @@ def test_prompt_groups_prefill_once_with_the_same_samples():
     SamplingConfig(model=cfg_model, max_new_tokens=4, eos_id=EOS, prompt_group=0)
 
 
+def test_prefill_group_falls_back_where_groups_do_not_split_over_the_batch_shards():
+  from rlhfjax.parallel import axes, create_mesh
+  from rlhfjax.sampling.sampler import prefill_group
+  cfg = lambda layout: SamplingConfig(model=CFG, max_new_tokens=4, eos_id=EOS, prompt_group=4,  # noqa: E731
+                                      layout=layout)
+  mesh = (create_mesh((8, 1, 1)), axes.DEFAULT_RULES)
+  assert [prefill_group(b, cfg(mesh)) for b in (32, 12)] == [4, 1]  # 8 groups split over 8; 3 do not
+  assert prefill_group(12, cfg(None)) == 4
+
+
 def test_width_buckets():
   assert width_buckets(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
   assert width_buckets(40) == [16, 24, 32, 40] and width_buckets(8) == [8]

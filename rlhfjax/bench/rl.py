@@ -274,9 +274,10 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   from rlhfjax.models.heads import RewardModel
   from rlhfjax.models.init import init_params
   from rlhfjax.models.transformer import TransformerConfig
-  from rlhfjax.parallel import axes, data_parallel_size, replicated
+  from rlhfjax.parallel import axes, replicated
   from rlhfjax.rewards.scorers import score as rm_score
   from rlhfjax.sampling import SamplingConfig
+  from rlhfjax.sampling.sampler import prefill_group
   from rlhfjax.train.rl import AlgoConfig, RLOptimConfig
 
   if isinstance(vocab, str) and vocab != "arith16":
@@ -296,7 +297,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                             d_ff=w["d_ff"] * d_model // w["d_model"], max_len=p + max_new,
                             rope_base=w["rope_theta"], norm_eps=w["rms_norm_eps"],
                             tie_embeddings=w["tie_embeddings"], embed_scale=False, dtype=w["dtype"],
-                            **remat_fields("dots" if remat is None else remat))
+                            **remat_fields(remat := "dots" if remat is None else remat))
   b = prompts * group
   if algo == "grpo":
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
@@ -315,7 +316,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   mesh, rules = make_mesh(devices), axes.DEFAULT_RULES
   sc = SamplingConfig(model=model, max_new_tokens=max_new, eos_id=work.EOS_ID if w["eos"] else -1,
                       pad_id=work.PAD_ID, temperature=w["temperature"], layout=(mesh, rules),
-                      prompt_group=group if prompts % data_parallel_size(mesh, rules) == 0 else 1)
+                      prompt_group=group)
   state, ref, experience_fn, update_fn = rl_core(
       cfg, model, optim, 1000, mesh, rules, temperature=sc.temperature,
       ref_key=jax.random.key(2) if algo == "ppo" else None)  # GRPO: the reference = the start policy
@@ -361,7 +362,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     b_seq = r["rows"] * slots  # token slots of each forward after sampling
     fwd = model.forward_flops_per_token
     # prefill (one row per prompt group) + decode (every row, every step)
-    out = b // sc.prompt_group * p * fwd(p) + b * n * fwd(2 * p + n)
+    out = b // prefill_group(b, sc) * p * fwd(p) + b * n * fwd(2 * p + n)
     models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
     trained = fwd(slots)
     if algo == "ppo":
@@ -393,7 +394,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                                         for k, x in r.items()} for r in runs]),
            f"s_per_iter_median={sec:.6f}"]
   config = (f"{algo} d{d_model} L{n_layers} H{n_heads} V{v} {prompts}x{group} P{p}+{max_new}"
-            f"{' eos' if w['eos'] else ''} float32{remat_tag(model.remat and model.remat_policy)}{' packed' if cfg.pack else ''}{' shared-prompt' if cfg.share_prompt else ''}")
+            f"{' eos' if w['eos'] else ''} float32{remat_tag(remat)}{' packed' if cfg.pack else ''}{' shared-prompt' if cfg.share_prompt else ''}")
   return result("rl_iteration", config, params=model.num_params() + model.d_model * v,
                 tokens_per_s=statistics.median(r["response_tokens"] for r in runs) / sec,
                 flops_per_s=fl / sec, peak=peak, dtype="float32", step_s=sec, compile_s=compile_s,

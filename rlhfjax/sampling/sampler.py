@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from rlhfjax.models.heads import as_policy
 from rlhfjax.models.init import positions_from_mask
 from rlhfjax.models.sequence import logits_of, width_buckets
+from rlhfjax.parallel.mesh import data_parallel_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,8 @@ class SamplingConfig:
   grow_cache: bool = True
   # Rows come in contiguous groups of this many that share one prompt (GRPO's samples per prompt):
   # a policy with a KV cache prefills each group's first row only and copies its cache and
-  # next-token logits to the group's rows. 1: every row prefilled. With a `layout`, the groups
-  # (batch // prompt_group) must split over its batch shards.
+  # next-token logits to the group's rows. 1: every row prefilled. With a `layout` whose batch
+  # shards the groups (batch // prompt_group) do not split over, every row is prefilled.
   prompt_group: int = 1
 
   def __post_init__(self):
@@ -135,6 +136,17 @@ def _pick(logits, rng, config: SamplingConfig):
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+def prefill_group(batch: int, config: SamplingConfig) -> int:
+  """How many rows one prefill serves for a `batch` of rows: `config.prompt_group`, or 1 where the
+  groups' first rows would not split over the `config.layout`'s batch shards."""
+  g = config.prompt_group
+  if batch % g:
+    raise ValueError(f"batch {batch} is not a whole number of prompt groups of {g}")
+  if config.layout and (batch // g) % data_parallel_size(*config.layout):
+    return 1
+  return g
+
+
 @contextlib.contextmanager
 def layout(mesh, rules):
   """The mesh and logical-axis rules a jitted function is traced in for the logical constraints in
@@ -170,9 +182,7 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
     if hasattr(model, "decode_params"):
       params = model.decode_params(params)
     widths = cache_widths(n) if config.grow_cache else [n]
-    g = config.prompt_group
-    if b % g:
-      raise ValueError(f"batch {b} is not a whole number of prompt groups of {g}")
+    g = prefill_group(b, config)
     first = slice(None, None, g)  # each group's first row; its cache and logits serve the group
     logits, cache = apply(prompt_ids[first], positions_from_mask(prompt_mask[first]),
                           key_mask[first, :p + widths[0]], model.init_cache(b // g, p + widths[0]), 0)

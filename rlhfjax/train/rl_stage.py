@@ -27,7 +27,7 @@ from rlhfjax.config import to_dataclass
 from rlhfjax.data import DataIterator
 from rlhfjax.models.heads import PolicyModel, PolicyValueModel, ValueModel
 from rlhfjax.models.transformer import TransformerConfig
-from rlhfjax.parallel import data_parallel_size, shard_batch
+from rlhfjax.parallel import shard_batch
 from rlhfjax.parallel.distributed import local_rows, process_mean, process_rows
 from rlhfjax.sampling import Rollout, SamplingConfig, generate
 from rlhfjax.train.rl import (AlgoConfig, RLModels, RLOptimConfig, init_rl_state, make_experience_fn,
@@ -299,9 +299,7 @@ class RLStage(Stage):
                                   eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                   layout=(run.mesh, run.rules),  # activations batch-split
-                                  # one prefill per prompt where the prompts split over the batch shards
-                                  prompt_group=algo.group_size if self.loop.prompts_per_iter
-                                  % data_parallel_size(run.mesh, run.rules) == 0 else 1)
+                                  prompt_group=algo.group_size)  # one prefill per prompt
     self.experience_fn = make_experience_fn(algo, self.models, run.mesh, run.rules,
                                             temperature=s.temperature)
     if self.loop.update_variant == "shard_map":
