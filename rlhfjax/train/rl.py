@@ -462,7 +462,7 @@ def _accumulate(loss_fn, params, mb: Experience, n_micro: int, units_total, aggr
 def _apply(ts: TrainState, grads, tx):
   updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
   return ts.replace(step=ts.step + 1, params=optax.apply_updates(ts.params, updates),
-                    opt_state=opt_state), optax.tree.norm(grads)
+                    opt_state=opt_state)
 
 
 def minibatch_grads(state: RLState, mb: Experience, *, algo: AlgoConfig, models: RLModels,
@@ -506,16 +506,21 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
 
   def minibatch_step(s: RLState, mb: Experience):
     pgrads, vgrads, metrics = grad_fn(s, mb, on_policy)
-    policy, metrics["policy_grad_norm"] = _apply(s.policy, pgrads, policy_tx)
-    value = s.value
+    metrics["policy_grad_norm"] = optax.tree.norm(pgrads)
     if algo.separate_critic:
-      value, metrics["value_grad_norm"] = _apply(s.value, vgrads, value_tx)
-    # a non-finite loss or gradient skips the step: parameters and optimizer state as they were
+      metrics["value_grad_norm"] = optax.tree.norm(vgrads)
+    # a non-finite loss or gradient skips the step: parameters and optimizer state as they were.
+    # `lax.cond`, not a `where` over the new and old state: that kept both and copied every
+    # parameter and moment each step (the PPO update ran ~5 % slower on the 2-core CPU).
     ok = jnp.all(jnp.isfinite(jnp.stack([metrics[k] for k in ("policy_loss", "policy_grad_norm",
                                                              "value_grad_norm") if k in metrics])))
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), s.replace(policy=policy, value=value), s)
+
+    def step(s: RLState) -> RLState:
+      value = _apply(s.value, vgrads, value_tx) if algo.separate_critic else s.value
+      return s.replace(policy=_apply(s.policy, pgrads, policy_tx), value=value)
+
     metrics["update_skipped"] = 1.0 - ok.astype(jnp.float32)
-    return new, metrics
+    return jax.lax.cond(ok, step, lambda s: s, s), metrics
 
   def epoch(s: RLState, key):
     if n_mb == 1:  # one minibatch: the loss does not depend on the row order (and packing needs it)
