@@ -53,15 +53,16 @@ def test_bad_values_error_in_one_line(argv, message, capsys):
 
 def test_decode_roofline_by_hand():
   """d64 / head_dim 16: 4 heads, 2 kv heads; 2 layers. Per filled slot K + V = 2 x 2 layers x 2 kv
-  heads x 16 x 4 bytes = 512 B; mean filled slots 8 + (8 + 1) / 2 = 12.5; 4 rows: 25,600 B of KV
-  cache + 1,000 B of weights = 26,600 B per step; at 1 GB/s: 4 x 1e9 / 26,600 tokens/s."""
+  heads x 16 x 4 bytes = 512 B. The prefill gives the first of 8 tokens, 7 decode steps the rest;
+  step s reads 8 + s + 1 slots, mean 12; 4 rows: 24,576 B of KV cache + 1,000 B of weights = 25,576 B
+  per step; at 1 GB/s: 4 rows x 8 tokens x 1e9 / (7 x 25,576) tokens/s."""
   cfg = bench_model_config(vocab=64, d_model=64, n_layers=2, max_len=16, head_dim=16)
   r = decode_roofline(cfg, batch=4, prompt=8, new_tokens=8, weight_bytes=1000, bandwidth=1e9)
-  assert r["kv_bytes"] == 25_600 and r["bytes_per_step"] == 26_600
-  assert r["tokens_per_s"] == pytest.approx(4e9 / 26_600)
+  assert r["kv_bytes"] == 24_576 and r["bytes_per_step"] == 25_576
+  assert r["tokens_per_s"] == pytest.approx(4 * 8 * 1e9 / (7 * 25_576))
   bf16 = bench_model_config(vocab=64, d_model=64, n_layers=2, max_len=16, head_dim=16, dtype="bfloat16")
   assert decode_roofline(bf16, batch=4, prompt=8, new_tokens=8, weight_bytes=1000,
-                         bandwidth=1e9)["kv_bytes"] == 12_800  # the cache holds the compute dtype
+                         bandwidth=1e9)["kv_bytes"] == 12_288  # the cache holds the compute dtype
 
 
 def test_memory_bandwidth():
@@ -79,8 +80,9 @@ def test_sample_tiny_roofline_line_json_and_table(tmp_path, capsys):
   assert 0 < r["roofline_ratio"] and r["hbm_bytes_per_s"] > 0
   assert r["tokens_per_s"] == pytest.approx(r["roofline_ratio"] * r["roofline_tokens_per_s"])
   params = bench_model_config(**SIZES["tiny"], max_len=8).num_params()
-  # bf16 weights + 4 rows x K, V x 2 layers x 2 kv heads x 16 x 2 bytes x mean 4 + 5 / 2 slots
-  assert r["bytes_per_step"] == pytest.approx(2 * params + 4 * 2 * 2 * 2 * 16 * 2 * (4 + 2.5))
+  # bf16 weights + 4 rows x K, V x 2 layers x 2 kv heads x 16 x 2 bytes x mean 4 + 4 / 2 slots
+  # (3 decode steps after the prefill's token, reading 5, 6, 7 slots)
+  assert r["bytes_per_step"] == pytest.approx(2 * params + 4 * 2 * 2 * 2 * 16 * 2 * (4 + 2))
   out = capsys.readouterr().out
   assert any(line.startswith("sample: decode ") and "% of the HBM roofline" in line
              for line in out.splitlines())

@@ -41,6 +41,37 @@ def test_logprobs_match_full_forward(temperature, top_k, top_p):
     assert EOS not in row_tok[: n - 1]
 
 
+@pytest.mark.parametrize("n", [1, 2, 9])
+def test_samples_equal_a_plain_loop(n):
+  """The sampled tokens and log-probs equal a plain loop's: a whole no-cache forward per token, the
+  key split once per token, rows padded after their EOS. The sampler runs no forward after the last
+  token (it picks that one after its decode loop): one that dropped or repeated a pick, or drew from
+  another key, differs."""
+  params = init_params(PolicyModel(CFG), jax.random.key(0))
+  ids, mask = _prompts()
+  out = generate(params, ids, mask, jax.random.key(3), SamplingConfig(model=CFG, max_new_tokens=n,
+                                                                      eos_id=EOS))
+  model, rng = PolicyModel(CFG), jax.random.key(3)
+  tokens, live = np.zeros((3, 0), np.int32), np.ones(3, bool)
+  logps, masks = [], []
+  for _ in range(n):
+    seq = jnp.concatenate([ids, jnp.asarray(tokens)], 1)
+    seq_mask = jnp.concatenate([mask, jnp.asarray(np.asarray(masks, np.int32).T.reshape(3, -1))], 1)
+    positions = jnp.maximum(jnp.cumsum(seq_mask, 1) - 1, 0)
+    logits = model.apply({"params": params}, seq, positions, seq_mask)[0][:, -1]
+    rng, sub = jax.random.split(rng)
+    tok = np.asarray(jax.random.categorical(sub, logits, axis=-1))
+    lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), tok[:, None], 1)[:, 0]
+    tok = np.where(live, tok, 0)
+    logps.append(np.where(live, lp, 0.0))
+    masks.append(live.astype(np.int32))
+    tokens = np.concatenate([tokens, tok[:, None]], 1)
+    live = live & (tok != EOS)
+  np.testing.assert_array_equal(out.tokens, tokens)
+  np.testing.assert_array_equal(out.mask, np.asarray(masks).T)
+  np.testing.assert_allclose(out.logprobs, np.asarray(logps).T, atol=1e-5)
+
+
 def test_growing_cache_matches_one_cache():
   """A 40-token budget decodes through caches of 16, 32 and 40 response slots: the same tokens and
   log-probs (1e-5) as one 40-slot cache, and the log-probs of a full no-cache forward; some rows

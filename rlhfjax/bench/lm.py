@@ -3,9 +3,9 @@
 FLOP counts are analytic (`TransformerConfig.forward_flops_per_token`):
   * sft: a training step = forward + backward = 3 x forward (the backward pass computes gradients
     w.r.t. both activations and weights: 2 x forward). Optimizer FLOPs are ignored.
-  * sample: prefill = prompt tokens x forward(prompt_len); each decoded token at position t attends
-    to t keys, so decode = new tokens x forward(context 2 * prompt + new) (mean key count
-    prompt + new/2). Decoding is memory-bound, so its ratio is expected to be far below sft's.
+  * sample: prefill = prompt tokens x forward(prompt_len), which gives the first new token; each
+    later one is a decode step whose token at position t attends to t keys, so decode = (new tokens
+    - rows) x forward(context 2 * prompt + new) (mean key count prompt + new/2). Decoding is memory-bound, so its ratio is expected to be far below sft's.
 
 Decode is also set against the HBM roofline (`decode_roofline`): each step reads every weight as
 stored plus the filled KV-cache slots, at the memory bandwidth measured in the same run
@@ -26,15 +26,16 @@ from rlhfjax.bench.common import (bench_model_config, compiled_memory, make_mesh
 
 def decode_roofline(cfg, *, batch: int, prompt: int, new_tokens: int, weight_bytes: float,
                     bandwidth: float) -> dict:
-  """The HBM bound of decoding `new_tokens` for `batch` rows: every step reads all weights once
-  (`weight_bytes`, as stored; the tied LM head is the embedding) and each row's keys and values of
-  the filled cache slots in the compute dtype (prompt + s + 1 at step s: mean prompt +
-  (new_tokens + 1) / 2). tokens/s = batch x `bandwidth` (bytes/s) / bytes per step."""
+  """The HBM bound of decoding `new_tokens` for `batch` rows. The prefill's logits give the first
+  token; each of the `new_tokens - 1` decode steps after it reads all weights once (`weight_bytes`,
+  as stored; the tied LM head is the embedding) and each row's keys and values of the filled cache
+  slots in the compute dtype (prompt + s + 1 at step s: mean prompt + new_tokens / 2).
+  tokens/s = batch x new_tokens x `bandwidth` (bytes/s) / ((new_tokens - 1) x bytes per step)."""
   kv_per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.compute_dtype.itemsize
-  kv = batch * kv_per_slot * (prompt + (new_tokens + 1) / 2)
+  kv = batch * kv_per_slot * (prompt + new_tokens / 2)
   step = weight_bytes + kv
   return {"weight_bytes": float(weight_bytes), "kv_bytes": float(kv), "bytes_per_step": float(step),
-          "tokens_per_s": batch * bandwidth / step}
+          "tokens_per_s": batch * new_tokens * bandwidth / (max(new_tokens - 1, 1) * step)}
 
 
 def bench_sample(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: int = 8192,
@@ -74,8 +75,8 @@ def bench_sample(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: in
 
   sec = statistics.median(time_calls(call, steps))
   tokens = float(jnp.mean(jnp.stack([m.sum() for m in outs])))
-  flops = batch * prompt * cfg.forward_flops_per_token(prompt) + tokens * cfg.forward_flops_per_token(
-      2 * prompt + new_tokens)
+  flops = batch * prompt * cfg.forward_flops_per_token(prompt) + (
+      tokens - batch) * cfg.forward_flops_per_token(2 * prompt + new_tokens)
   # With --devices=all each device decodes batch / devices rows over its own (replicated) weights.
   n_dev = mesh.devices.size
   bandwidth, memory_bytes = memory_bandwidth(bandwidth_mib)
@@ -89,7 +90,7 @@ def bench_sample(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: in
            f"{roof_tps:,.0f} tokens/s = {batch // n_dev} rows x {bandwidth / 1e9:,.0f} GB/s (measured: "
            f"x + 1 over {mb(memory_bytes)}) / {mb(roof['bytes_per_step'])} per step (weights "
            f"{mb(roof['weight_bytes'])} {param_dtype} + KV cache {mb(roof['kv_bytes'])} at the mean "
-           f"{prompt + (new_tokens + 1) / 2:g} filled slots)" + (f" x {n_dev} devices" if n_dev > 1 else "")
+           f"{prompt + new_tokens / 2:g} filled slots; {new_tokens - 1} steps for {new_tokens} tokens)" + (f" x {n_dev} devices" if n_dev > 1 else "")
            + "; prefill inside the timed call"]
   return result("sample", f"{shape_tag(d_model, n_layers, vocab, head_dim, d_ff)} B{batch} "
                 f"P{prompt}+{new_tokens} {dtype}" + (f" weights {param_dtype}" if param_dtype != dtype else ""),

@@ -9,7 +9,7 @@ FLOPs (analytic, `TransformerConfig.forward_flops_per_token`, 2 per multiply-add
   * rl_step: the sample's (as `sample`) + one forward per model make_experience runs (the
     policy unless `AlgoConfig.on_policy`, the reference with a KL term, PPO's critic) + 3 x
     forward per trained model per epoch.
-  * rl_iteration: as it ran (decode steps, trimmed width): prefill + decode, the forwards
+  * rl_iteration: as it ran (longest response, trimmed width): prefill + decode, the forwards
     make_experience runs (as rl_step; + the reward model, no LM head), 3 x forward per trained
     model per epoch.
   * ppo_update: per epoch 3 x forward for the policy (LM head included) and for the critic (no LM
@@ -104,7 +104,8 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   `cfg.pack` the rollout is packed instead (`pack_rollout`) and the warm-up compiles every row count.
   Each dict: the phases' seconds, `total` (prompts encoded to update done), `width` (response
   columns the forwards saw), `rows` (rows they saw: packed rows, else the batch), `decoded`
-  (decode steps the sampler ran) and `response_tokens`.
+  (the longest response: the prefill gave its first token, decode steps the rest) and
+  `response_tokens`.
   """
   import jax
   import numpy as np
@@ -226,7 +227,7 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
   # experience: the policy (unless on-policy), the reference (with a KL term), the critic (PPO)
   n_models = (not cfg.on_policy(b)) + cfg.uses_reference + cfg.has_critic
   flops = (b * prompt * model.forward_flops_per_token(prompt)
-           + b * new_tokens * model.forward_flops_per_token(2 * prompt + new_tokens)
+           + b * (new_tokens - 1) * model.forward_flops_per_token(2 * prompt + new_tokens)
            + n_models * b * seq * model.forward_flops_per_token(seq)
            + cfg.epochs * 3 * (1 + cfg.has_critic) * b * seq * model.forward_flops_per_token(seq))
   split = ", ".join(f"{k} {v:.3f} s ({100 * v / sec:.0f}%)" for k, v in phases.items())
@@ -361,8 +362,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     n, slots, full = r["decoded"], r["slots"], p + max_new
     b_seq = r["rows"] * slots  # token slots of each forward after sampling
     fwd = model.forward_flops_per_token
-    # prefill (one row per prompt group) + decode (every row, every step)
-    out = b // prefill_group(b, sc) * p * fwd(p) + b * n * fwd(2 * p + n)
+    # prefill (one row per prompt group; it gives the first token) + decode (every row, each later token)
+    out = b // prefill_group(b, sc) * p * fwd(p) + b * max(n - 1, 0) * fwd(2 * p + n)
     models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
     trained = fwd(slots)
     if algo == "ppo":
@@ -385,7 +386,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
            f"{fl / sec / 1e9:.3g} GFLOP/s = {100 * fl / sec / peak_v:.1f}% of the matmul peak "
            f"({peak_v / 1e9:.3g} GFLOP/s, the larger of two measurements in this run); response "
            f"tokens per iteration {statistics.median(r['response_tokens'] for r in runs):.0f}, "
-           f"decode steps {statistics.median(r['decoded'] for r in runs):.0f}, "
+           f"longest response {statistics.median(r['decoded'] for r in runs):.0f} tokens, "
            + (f"{'shared-prompt' if cfg.share_prompt else 'packed'} rows "
               f"{statistics.median(r['rows'] for r in runs):.0f} of "
               f"{statistics.median(r['slots'] for r in runs):.0f} slots"

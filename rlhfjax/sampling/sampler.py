@@ -202,19 +202,22 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
       out = logits_of(apply(jnp.concatenate([prompt_ids, tokens], axis=1), positions, key_mask))
       return jax.lax.dynamic_index_in_dim(out, p + s.step, axis=1, keepdims=False), None
 
-  def body(s: _State, width: int):
+  def pick(s: _State) -> _State:  # the next token from `s.logits`, written at `s.step`
     rng, sub = jax.random.split(s.rng)
     token, logp = _pick(s.logits, sub, config)
     live = ~s.done
     token = jnp.where(live, token, config.pad_id)
-    tokens = s.tokens.at[:, s.step].set(token)
-    logprobs = s.logprobs.at[:, s.step].set(jnp.where(live, logp, 0.0))
-    mask = s.mask.at[:, s.step].set(live.astype(jnp.float32))
-    key_mask = s.key_mask.at[:, p + s.step].set(live.astype(jnp.int32))
-    done = s.done | (token == config.eos_id)
-    logits, cache = next_logits(s, token if s.cache is not None else tokens, key_mask, width)
-    return _State(step=s.step + 1, cache=cache, logits=logits, key_mask=key_mask,
-                  tokens=tokens, logprobs=logprobs, mask=mask, done=done, rng=rng)
+    return s.replace(tokens=s.tokens.at[:, s.step].set(token),
+                     logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logp, 0.0)),
+                     mask=s.mask.at[:, s.step].set(live.astype(jnp.float32)),
+                     key_mask=s.key_mask.at[:, p + s.step].set(live.astype(jnp.int32)),
+                     done=s.done | (token == config.eos_id), rng=rng)
+
+  def body(s: _State, width: int):  # pick a token, then its forward: the logits for the next one
+    s = pick(s)
+    token = s.tokens[:, s.step]
+    logits, cache = next_logits(s, token if s.cache is not None else s.tokens, s.key_mask, width)
+    return s.replace(step=s.step + 1, cache=cache, logits=logits)
 
   state = _State(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1], key_mask=key_mask,
                  tokens=jnp.full((b, n), config.pad_id, jnp.int32),
@@ -225,8 +228,12 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
       state = state.replace(cache=jax.tree.map(
           lambda new, old: jax.lax.dynamic_update_slice(new, old.astype(new.dtype), (0,) * old.ndim),
           model.init_cache(b, p + width), state.cache))
-    state = jax.lax.while_loop(lambda s, w=width: (s.step < w) & ~jnp.all(s.done),
+    # the last token needs no forward after it: the loops stop one step short, and it is picked below
+    last = min(width, n - 1)
+    state = jax.lax.while_loop(lambda s, w=last: (s.step < w) & ~jnp.all(s.done),
                                functools.partial(body, width=width), state)
+  if n:
+    state = pick(state)  # the last token (rows already done stay padding)
   return SampleOutput(tokens=state.tokens, logprobs=state.logprobs, mask=state.mask,
                       lengths=jnp.sum(state.mask, axis=1).astype(jnp.int32),
                       finished=jnp.any((state.tokens == config.eos_id) & (state.mask > 0), axis=1))
