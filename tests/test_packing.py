@@ -29,11 +29,17 @@ def _batch(b=8, p=6, n=20, seed=0):
 
 def test_pack_plan_places_every_token_once():
   pid, pm, rid, rm = _batch()
+  rm[1], rid[1] = 0, 0  # a row without a response
   plan = pack_plan(pm, rm, rows_multiple=2)
   b, t = pm.shape[0], pm.shape[1] + rm.shape[1]
   src = plan.src[plan.src >= 0]
-  real = np.flatnonzero(np.concatenate([pm, rm], 1).reshape(-1))
-  np.testing.assert_array_equal(np.sort(src), real)  # each real token in exactly one slot
+  # each real token in exactly one slot, but a response's last (it predicts nothing) and the
+  # prompts of rows without a response (nothing to predict)
+  rl = rm.sum(1).astype(int)
+  kept = np.concatenate([pm, rm], 1) * (rl > 0)[:, None]
+  kept[np.arange(b)[rl > 0], pm.shape[1] + rl[rl > 0] - 1] = 0
+  assert (rl == 0).any() and kept.sum() == (pm.sum(1) + rl - 1)[rl > 0].sum()
+  np.testing.assert_array_equal(np.sort(src), np.flatnonzero(kept.reshape(-1)))
   assert plan.src.shape[1] == t and plan.src.shape[0] % 2 == 0 and plan.src.shape[0] < b
   # dst[b, i] is the slot of the token just before response token i of row b
   flat = plan.src.reshape(-1)
@@ -86,6 +92,40 @@ def test_packed_values_equal_padded():
   np.testing.assert_allclose(response_values(params, vm, pid, pm, rid, rm, packing) * rm, padded * rm,
                              atol=1e-5)
   assert np.abs(padded * rm).max() > 0.1
+
+
+@pytest.mark.parametrize("model", [PolicyModel, PolicyValueModel, ValueModel])
+def test_padded_forward_without_the_last_token_equals_the_whole_sequence(model):
+  """The padded forwards run over the prompt and the response but its last token: log-probs,
+  entropy, values and their gradients equal a forward over the whole sequence read at the columns
+  predicting each response token (1e-5; jitted)."""
+  from rlhfjax.models.sequence import concat_prompt_response, logits_of, token_logprobs
+  pid, pm, rid, rm = _batch(seed=2)
+  m = model(CFG)
+  params = jax.tree.map(lambda x: x + 0.05, init_params(m, jax.random.key(3)))  # a non-zero value head
+  p, n = pid.shape[1], rid.shape[1]
+
+  def whole(params):  # as before: every column, then the ones predicting response tokens
+    tokens, mask, positions = concat_prompt_response(pid, pm, rid, rm)
+    out = m.apply({"params": params}, tokens, positions, mask)
+    if model is ValueModel:
+      return (out[:, p - 1:-1],)
+    lp = token_logprobs(logits_of(out)[:, p - 1:-1].astype(jnp.float32) / 0.7, rid)
+    return (lp, out[1][:, p - 1:-1]) if model is PolicyValueModel else (lp,)
+
+  def now(params):
+    if model is ValueModel:
+      return (response_values(params, m, pid, pm, rid, rm),)
+    lp, _, v = response_token_stats(params, m, pid, pm, rid, rm, 0.7, entropy=False,
+                                    values=model is PolicyValueModel)
+    return (lp, v) if model is PolicyValueModel else (lp,)
+
+  for a, b in zip(jax.jit(now)(params), whole(params)):
+    assert a.shape == (pid.shape[0], n)
+    np.testing.assert_allclose(a * rm, b * rm, atol=1e-5)
+  loss = lambda f: lambda params: sum((x * rm).sum() for x in f(params))  # noqa: E731
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss(now)))(params), jax.grad(loss(whole))(params),
+                              atol=1e-5)
 
 
 def test_pack_needs_a_builtin_model():

@@ -13,7 +13,7 @@ FLOPs (analytic, `TransformerConfig.forward_flops_per_token`, 2 per multiply-add
     make_experience runs (as rl_step; + the reward model, no LM head), 3 x forward per trained
     model per epoch.
   * ppo_update: per epoch 3 x forward for the policy (LM head included) and for the critic (no LM
-    head) over all `batch x seq` tokens; optimizer and element-wise work not counted.
+    head) over `batch x (seq - 1)` tokens (the last one predicts nothing); optimizer and element-wise work not counted.
     make_experience is timed separately and reported on an extra line.
 
     python -m rlhfjax.bench rl_step --algo grpo        # seconds per RL iteration split by phase
@@ -149,8 +149,10 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     return {"sample": t1 - t0, "score": t2 - t1, "experience": t3 - t2, "update": t4 - t3,
             "total": t4 - ts, "width": int(rollout.response_ids.shape[1]),
             "rows": int(rollout.packing.src.shape[0] if rollout.packing is not None else b),
+            # columns a row of the forwards after sampling has (a padded row: prompt + response
+            # but its last token, `predicting_inputs`)
             "slots": int(rollout.packing.src.shape[1] if rollout.packing is not None
-                         else rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]),
+                         else rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1] - 1),
             "decoded": int(lengths.max()), "response_tokens": float(lengths.sum())}
 
   t = time.perf_counter()
@@ -223,7 +225,7 @@ def bench_rl_step(*, peak: dict, algo: str = "grpo", d_model: int = 128, n_layer
                                           prompts_of, score, steps)
   phases = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   sec = sum(phases.values())
-  seq = prompt + new_tokens
+  seq = prompt + new_tokens - 1  # the forwards after sampling skip the last token (`predicting_inputs`)
   # experience: the policy (unless on-policy), the reference (with a KL term), the critic (PPO)
   n_models = (not cfg.on_policy(b)) + cfg.uses_reference + cfg.has_critic
   flops = (b * prompt * model.forward_flops_per_token(prompt)
@@ -466,9 +468,10 @@ def bench_ppo_update(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab
   # for tens of seconds: measure the peak again right after and divide by the larger of the two.
   again = matmul_peak(peak.get("n"))
   peak = {k: (max(v, again.get(k, 0.0)) if isinstance(v, float) else v) for k, v in peak.items()}
-  tokens = batch * seq
-  fwd_policy = model.forward_flops_per_token(seq) * tokens
-  fwd_value = model.forward_flops_per_token(seq, lm_head=False) * tokens
+  cols = seq - 1  # the forwards skip the last token, which predicts nothing (`predicting_inputs`)
+  tokens = batch * cols
+  fwd_policy = model.forward_flops_per_token(cols) * tokens
+  fwd_value = model.forward_flops_per_token(cols, lm_head=False) * tokens
   update_flops = epochs * 3.0 * (fwd_policy + fwd_value)
   peak_v = peak_for(peak, dtype)
   exp_flops = 2 * fwd_policy + fwd_value

@@ -57,7 +57,7 @@ def bucket_width(length: int, n: int, **kw) -> int:
 class Packing:
   """Where each sequence of a `[B, P + N]` batch sits in `R` packed rows of `P + N` slots (first-fit
   decreasing, from `pack_plan`), so a forward runs over the real tokens only: about B x (prompt +
-  response) slots instead of B x (P + N) when responses stop early.
+  response - 1) slots instead of B x (P + N) when responses stop early.
 
   The packed rows' mask holds segment ids (row b + 1; 0 = empty), which the built-in attention reads
   as "attend within your segment"; positions stay each sequence's own."""
@@ -89,8 +89,10 @@ def pack_plan(prompt_mask, response_mask, rows_multiple: int = 1) -> Packing:
 
 def pack_lengths(pl, rl, p: int, n: int, rows_multiple: int = 1) -> Packing:
   """A `Packing` of sequences with prompt lengths `pl` (each >= 1, left-padded to `p`) and response
-  lengths `rl` (right-padded to `n`): first-fit decreasing into rows of p + n slots, the row count
-  the smallest of `packed_row_counts` that holds them, so only a few shapes are ever compiled."""
+  lengths `rl` (right-padded to `n`): each sequence's tokens but its last (pl + rl - 1 slots, every
+  one predicting a response token but the prompt's first pl - 1; none without a response), first-fit
+  decreasing into rows of p + n slots, the row count the smallest of `packed_row_counts` that holds
+  them, so only a few shapes are ever compiled."""
   pl, rl = np.asarray(pl, np.int64), np.asarray(rl, np.int64)
   b = pl.shape[0]
   if (pl < 1).any():
@@ -98,7 +100,9 @@ def pack_lengths(pl, rl, p: int, n: int, rows_multiple: int = 1) -> Packing:
   if b >= SEGMENT_GROUP:  # segment ids b + 1 must stay below the shared-prompt ids' range
     raise ValueError(f"pack_plan: batch {b} exceeds the segment-id range ({SEGMENT_GROUP - 1})")
   counts = packed_row_counts(b, rows_multiple)
-  length, width = pl + rl, p + n
+  # a sequence's slots: its prompt and response but the last response token, which predicts nothing
+  # (none at all without a response)
+  length, width = np.where(rl > 0, pl + rl - 1, 0), p + n
   rows, where = [], np.zeros((b, 2), np.int64)  # (row, offset) of each sequence
   for i in np.argsort(-length, kind="stable"):  # first-fit decreasing
     r = next((r for r, used in enumerate(rows) if used + length[i] <= width), len(rows))
@@ -187,22 +191,33 @@ def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
   return tokens, mask, positions_from_mask(mask)
 
 
+def predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
+  """(tokens, mask, positions) [B, P + N - 1] of the columns whose outputs predict the N response
+  tokens: the prompt and the response but its last token, which predicts nothing (a causal model's
+  outputs at the other columns do not depend on it). Output columns P - 1 ... P + N - 2 predict
+  response tokens 0 ... N - 1."""
+  n = max(response_ids.shape[1] - 1, 0)
+  return concat_prompt_response(prompt_ids, prompt_mask, response_ids[:, :n], response_mask[:, :n])
+
+
 def logits_of(output):
   """The logits of a policy's output (`logits` or `(logits, cache)`)."""
   return output[0] if isinstance(output, tuple) else output
 
 
-def _apply_on_sequence(model, params, prompt_ids, prompt_mask, response_ids, response_mask):
-  tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
-  return model.apply({"params": params}, tokens, positions, mask)
+def _apply_predicting(model, params, prompt_ids, prompt_mask, response_ids, response_mask):
+  """The model's outputs at the columns predicting each response token ([B, N, ...]; the model's
+  output, or a (logits, cache) pair's logits)."""
+  tokens, mask, positions = predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+  p, n = prompt_ids.shape[1], response_ids.shape[1]
+  return logits_of(model.apply({"params": params}, tokens, positions, mask))[:, p - 1:p - 1 + n]
 
 
 def response_logits(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
                     temperature: float = 1.0):
   """Policy logits that predict each response token: [B, N, vocab] (float32, divided by temperature)."""
-  out = _apply_on_sequence(as_policy(model), params, prompt_ids, prompt_mask, response_ids, response_mask)
-  p = prompt_ids.shape[1]
-  return logits_of(out)[:, p - 1:-1].astype(jnp.float32) / temperature
+  out = _apply_predicting(as_policy(model), params, prompt_ids, prompt_mask, response_ids, response_mask)
+  return out.astype(jnp.float32) / temperature
 
 
 def response_values(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
@@ -214,9 +229,8 @@ def response_values(params, model, prompt_ids, prompt_mask, response_ids, respon
     tokens, _, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
     tok, pos, seg, _ = _packed_inputs(packing, tokens, positions)
     return _unpack(packing, model.apply({"params": params}, tok, pos, seg).astype(jnp.float32))
-  values = _apply_on_sequence(model, params, prompt_ids, prompt_mask, response_ids, response_mask)
-  p = prompt_ids.shape[1]
-  return values[:, p - 1:-1].astype(jnp.float32)
+  return _apply_predicting(model, params, prompt_ids, prompt_mask, response_ids,
+                           response_mask).astype(jnp.float32)
 
 
 def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
@@ -232,17 +246,19 @@ def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, r
   results come back to [B, N] (0 on padding).
   """
   model = as_policy(model)
-  tokens, mask, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
-  cut = lambda x: x[:, prompt_ids.shape[1] - 1:-1]  # noqa: E731  columns predicting response tokens
   stats = lambda logits, ids: (token_logprobs(logits, ids),  # noqa: E731
                                entropy_from_logits(logits) if entropy else None)
   if packing is not None:
     _packable(model)
+    tokens, _, positions = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
     tokens, positions, mask, targets = _packed_inputs(packing, tokens, positions)
     h = model.apply({"params": params}, tokens, positions, mask, method="hidden")  # [R, L, D]
     lp, ent = _chunked_head(params, model, h, targets, stats, temperature, chunk)
     vals = model.apply({"params": params}, h, method="values") if values else None
     return tuple(None if x is None else _unpack(packing, x) for x in (lp, ent, vals))
+  tokens, mask, positions = predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+  p, n = prompt_ids.shape[1], response_ids.shape[1]
+  cut = lambda x: x[:, p - 1:p - 1 + n]  # noqa: E731  columns predicting response tokens
   if not hasattr(model, "head"):
     out = model.apply({"params": params}, tokens, positions, mask)
     lp, ent = stats(cut(logits_of(out)).astype(jnp.float32) / temperature, response_ids)
