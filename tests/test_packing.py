@@ -280,3 +280,70 @@ def test_dot_product_attention_equals_einsum(cfg):
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="attention must be"):
     dataclasses.replace(cfg, attention="flash")
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_banded_attention_equals_a_dense_numpy_reference(chunk):
+  """`banded_attention` over a shared-prompt row layout (a 5-slot prompt, then responses of at most
+  12 slots, padding at the end) equals a dense masked softmax attention in NumPy (1e-5)."""
+  from rlhfjax.models.transformer import SEGMENT_GROUP, banded_attention
+  rng = np.random.default_rng(0)
+  b, t, k, g, h, prefix, window = 2, 50, 2, 2, 8, 5, 11
+  seg = np.zeros((b, t), np.int32)
+  for r, (lead, lengths) in enumerate([(5, [12, 3, 7, 12]), (2, [9, 12, 1, 5])]):  # prompt slots, responses
+    tag = (r + 1) * SEGMENT_GROUP
+    seg[r, :lead], o = tag, lead
+    for j, n in enumerate(lengths):
+      seg[r, o:o + n], o = tag + j + 1, o + n
+  q, keys, values = (rng.normal(size=s).astype(np.float32) for s in ((b, t, k, g, h), (b, t, k, h), (b, t, k, h)))
+
+  def allowed(qs, ks):  # [M, Q], [M, S] slots -> [B, M, Q, S], as the built-in attention: causal,
+    # a query's own segment or its group's prompt
+    sq, sk = seg[:, np.maximum(qs, 0)][..., None], seg[:, np.maximum(ks, 0)][:, :, None, :]
+    return (((ks[:, None] <= qs[..., None]) & (ks >= 0)[:, None] & (qs >= 0)[..., None])[None] & (sk > 0)
+            & ((sk == sq) | (sq == 0) | (sk == sq // SEGMENT_GROUP * SEGMENT_GROUP)))
+
+  ok = allowed(np.arange(t)[None], np.arange(t)[None])[:, 0]  # [B, T, S]
+  scores = np.einsum("btkgh,bskh->bkgts", q, keys) / np.sqrt(h)
+  scores = np.where(ok[:, None, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs = np.nan_to_num(probs / probs.sum(-1, keepdims=True))
+  want = np.einsum("bkgts,bskh->btkgh", probs, values)
+  real = seg > 0
+  got = banded_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
+                         lambda qs, ks: jnp.asarray(allowed(qs, ks)), prefix, window, h ** -0.5,
+                         chunk=chunk)
+  np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [CFG, LOCAL])
+def test_shared_prompt_band_equals_padded(cfg, monkeypatch):
+  """Under `attention_band` (as `rl.share_prompt` runs its forwards) shared-prompt rows' log-probs,
+  values and gradients equal the padded forward's (1e-5, jitted), and the banded path ran."""
+  import rlhfjax.models.transformer as transformer
+  from rlhfjax.models.sequence import share_lengths
+  from rlhfjax.models.transformer import attention_band
+  calls = []
+  banded = transformer.banded_attention
+  monkeypatch.setattr(transformer, "banded_attention", lambda *a, **k: calls.append(1) or banded(*a, **k))
+  pid, pm, rid, rm = _grouped(seed=5)
+  rm[:4], rid[:4] = 1.0, np.arange(4 * 12).reshape(4, 12) % 30 + 4  # group 0: four 12-token responses
+  packing = jax.tree.map(jnp.asarray, share_lengths(pm.sum(1), rm.sum(1), 6, 12, 4))
+  assert packing.src.shape[1] > 5 + 11 + 16  # wide enough for the band
+  m = PolicyValueModel(cfg)
+  params = jax.tree.map(lambda x: x + 0.05, init_params(m, jax.random.key(6)))
+
+  def f(p, pk):
+    lp, ent, v = response_token_stats(p, m, pid, pm, rid, rm, 0.7, values=True, packing=pk)
+    return (lp * rm, ent * rm, v * rm)
+
+  def banded_f(p):
+    with attention_band(pid.shape[1] - 1, rid.shape[1] - 1):
+      return f(p, packing)
+
+  for a, b in zip(jax.jit(banded_f)(params), f(params, None)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert calls
+  loss = lambda fn: lambda p: sum(x.sum() for x in fn(p))  # noqa: E731
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss(banded_f)))(params),
+                              jax.grad(loss(lambda p: f(p, None)))(params), atol=1e-5)

@@ -363,6 +363,9 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     sampling over the rows x columns they saw (trimmed, packed or shared-prompt rows)."""
     n, slots, full = r["decoded"], r["slots"], p + max_new
     b_seq = r["rows"] * slots  # token slots of each forward after sampling
+    if cfg.share_prompt:  # a response token attends to its prompt (p - 1 slots) and its own earlier
+      # tokens (max_new / 2 on average) only (`attention_band`): a causal context of 2 (p - 1) + max_new
+      slots = 2 * (p - 1) + max_new
     fwd = model.forward_flops_per_token
     # prefill (one row per prompt group; it gives the first token) + decode (every row, each later token)
     out = b // prefill_group(b, sc) * p * fwd(p) + b * max(n - 1, 0) * fwd(2 * p + n)

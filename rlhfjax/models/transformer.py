@@ -21,6 +21,8 @@ Every parameter carries logical axis names (`rlhfjax.parallel.axes`) for shardin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhfjax.parallel import axes as ax
 
@@ -240,6 +243,61 @@ def _linear_bwd(spec, res, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+_BAND: contextvars.ContextVar = contextvars.ContextVar("attention_band", default=None)
+BAND_CHUNK = 16  # queries per chunk of `banded_attention`
+
+
+@contextlib.contextmanager
+def attention_band(prefix: int, window: int):
+  """Within it, a no-cache forward of the built-in attention (at trace time) assumes every key a
+  query at slot s >= `prefix` may see lies in the first `prefix` slots or in [s - `window`, s], and
+  a query below `prefix` sees keys below it only, as in a shared-prompt row
+  (`models.sequence.share_lengths`: the group's prompt, then each response's own tokens). Scores
+  are then computed over `prefix + window + BAND_CHUNK` keys per query instead of the row's width
+  (`banded_attention`); the segment ids still decide which keys a query sees."""
+  token = _BAND.set((prefix, window))
+  try:
+    yield
+  finally:
+    _BAND.reset(token)
+
+
+def banded_attention(q, keys, values, allowed, prefix: int, window: int, scale: float,
+                     chunk: int = BAND_CHUNK):
+  """Attention of queries [B, T, K, G, H] over keys / values [B, T, K, H] under `attention_band`'s
+  assumption. `allowed(q_slots [M, Q], k_slots [M, S]) -> bool [B, M, Q, S]`: may query slot
+  `q_slots[m, i]` see key slot `k_slots[m, j]` (slot -1: padding, never). Queries after the prefix go in chunks of `chunk`; each chunk's scores
+  cover the prefix's keys and its band of `window + chunk` slots (band slots below the prefix are
+  left to the prefix part). -> [B, T, K, G, H]."""
+  b, t = q.shape[:2]
+  m = -(-(t - prefix) // chunk)
+  q_slot = prefix + np.arange(m * chunk).reshape(m, chunk)
+  q_slot = np.where(q_slot < t, q_slot, -1)
+  k_slot = prefix + np.arange(m)[:, None] * chunk - window + np.arange(window + chunk)[None]
+  k_slot = np.where((k_slot >= prefix) & (k_slot < t), k_slot, -1)
+  kb, vb = keys[:, np.maximum(k_slot, 0)], values[:, np.maximum(k_slot, 0)]  # [B, m, W + C, K, H]
+  kp, vp = keys[:, :prefix], values[:, :prefix]
+  q_rest = jnp.pad(q[:, prefix:], [(0, 0), (0, m * chunk - t + prefix)] + [(0, 0)] * 3).reshape(
+      b, m, chunk, *q.shape[2:])
+  neg = jnp.finfo(jnp.float32).min
+  allow_p = allowed(q_slot, np.broadcast_to(np.arange(prefix), (m, prefix)))  # [B, m, C, P]
+  allow_b = allowed(q_slot, k_slot)  # [B, m, C, W + C]
+  sp = jnp.einsum("BMCKGH,BSKH->BMKGCS", q_rest, kp).astype(jnp.float32) * scale
+  sb = jnp.einsum("BMCKGH,BMSKH->BMKGCS", q_rest, kb).astype(jnp.float32) * scale
+  probs = jax.nn.softmax(jnp.concatenate([jnp.where(allow_p[:, :, None, None], sp, neg),
+                                          jnp.where(allow_b[:, :, None, None], sb, neg)], -1),
+                         axis=-1).astype(q.dtype)
+  out = (jnp.einsum("BMKGCS,BSKH->BMCKGH", probs[..., :prefix], vp)
+         + jnp.einsum("BMKGCS,BMSKH->BMCKGH", probs[..., prefix:], vb))
+  out = out.reshape(b, m * chunk, *q.shape[2:])[:, :t - prefix]
+  if not prefix:
+    return out
+  s0 = jnp.einsum("BTKGH,BSKH->BKGTS", q[:, :prefix], kp).astype(jnp.float32) * scale
+  s0 = jnp.where(allowed(np.arange(prefix)[None], np.arange(prefix)[None])[:, 0, None, None], s0, neg)
+  out0 = jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(s0, axis=-1).astype(q.dtype), vp)
+  return jnp.concatenate([out0, out], axis=1)
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
@@ -287,6 +345,12 @@ class Attention(nn.Module):
       new_cache = {"k": write(cache["k"], kk), "v": write(cache["v"], vv)}
       keys, values, kv = new_cache["k"], new_cache["v"], "BKSH"  # read in the cache's own layout
       q_slot = cache_index + jnp.arange(t)
+    scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    band = _BAND.get() if cache is None else None
+    if band is not None and t > sum(band) + BAND_CHUNK:  # a shared-prompt row (`attention_band`)
+      out = banded_attention(q.reshape(q.shape[0], t, k, n // k, h), keys.astype(dt), values.astype(dt),
+                             functools.partial(self._allowed, mask, positions, is_local), *band, scale)
+      return self._out(out.reshape(x.shape[0], t, n, h), wo), new_cache
     s = keys.shape[kv.index("S")]
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
     if cache is None:  # packed rows (`models.sequence.Packing`): `mask` holds segment ids, a query
@@ -302,7 +366,6 @@ class Attention(nn.Module):
         in_window = (q_slot[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window)[None]  # [1, T, S]
       allowed = allowed & (in_window | ~is_local)
 
-    scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     if cache is None and cfg.attention == "dot_product":
       out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None],
                                          scale=scale)
@@ -313,6 +376,22 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
     return self._out(out, wo), new_cache
+
+  def _allowed(self, segments, positions, is_local, q_slots, k_slots):
+    """The no-cache forward's `allowed` [B, M, Q, S] for the slots `q_slots` [M, Q] and `k_slots`
+    [M, S] (-1: padding, never allowed): causal, segments as there, the sliding window on local
+    layers (`banded_attention`'s `allowed`)."""
+    (m, nq), ns = q_slots.shape, k_slots.shape[1]
+    take = lambda a, i: jnp.take(a, np.maximum(i, 0).reshape(-1), axis=1).reshape(  # noqa: E731
+        a.shape[0], *i.shape)
+    seg_q, seg_k = take(segments, q_slots)[..., None], take(segments, k_slots)[:, :, None, :]
+    ok = ((k_slots[:, None, :] <= q_slots[:, :, None]) & (k_slots >= 0)[:, None, :]
+          & (q_slots >= 0)[:, :, None])[None] & (seg_k > 0)
+    ok = ok & ((seg_k == seg_q) | (seg_q == 0) | (seg_k == seg_q // SEGMENT_GROUP * SEGMENT_GROUP))
+    if is_local is not None:
+      near = take(positions, q_slots)[..., None] - take(positions, k_slots)[:, :, None, :]
+      ok = ok & ((near < self.cfg.sliding_window) | ~is_local)
+    return ok
 
   def _out(self, out, wo):
     """The output projection (+ bias) of the heads' outputs [B, T, N, H] -> [B, T, D]."""

@@ -15,6 +15,7 @@ optimizers. Each micro-batch's loss is weighted by its share of the minibatch's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -34,6 +35,7 @@ from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.sampling import Rollout
 from rlhfjax.sampling.sampler import layout
 from rlhfjax.models.heads import transplant_trunk
+from rlhfjax.models.transformer import attention_band
 from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
                                  state_shardings)
 
@@ -271,6 +273,15 @@ def last_token_onehot(mask):
   return (jnp.arange(n)[None] == last[:, None]).astype(jnp.float32)
 
 
+def shared_prompt_band(algo: AlgoConfig, batch):
+  """`attention_band` for `batch`'s (a Rollout's or Experience's) shared-prompt rows with
+  `algo.share_prompt` (the group's prompt in the first P - 1 slots, each response's own tokens
+  within N - 1 slots of each other), else a context that does nothing."""
+  if not algo.share_prompt:
+    return contextlib.nullcontext()
+  return attention_band(batch.prompt_ids.shape[1] - 1, batch.response_ids.shape[1] - 1)
+
+
 def make_experience(policy_params, ref_params, value_params, rollout: Rollout, scores, kl_coef, *,
                     algo: AlgoConfig, models: RLModels, temperature: float = 1.0):
   """(Experience, scalar metrics) of one `Rollout` with [B] `scores` and the current beta `kl_coef`:
@@ -282,6 +293,13 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   When `algo.on_policy(B)` the policy forward is skipped: `old_logprobs` are zeros (the update
   reads its own), and the `kl_seq_mean` / `entropy` metrics come from the update.
   """
+  with shared_prompt_band(algo, rollout):
+    return _make_experience(policy_params, ref_params, value_params, rollout, scores, kl_coef,
+                            algo=algo, models=models, temperature=temperature)
+
+
+def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, scores, kl_coef, *,
+                     algo: AlgoConfig, models: RLModels, temperature: float = 1.0):
   args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
   mask = rollout.response_mask.astype(jnp.float32)
   on_policy = algo.on_policy(mask.shape[0])
@@ -492,6 +510,13 @@ def rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models:
   With `algo.on_policy(B)` the old log-probs are the update's own and so are the KL the
   controller steps on and the `kl_seq_mean` / `entropy` metrics.
   """
+  with shared_prompt_band(algo, exp):
+    return _rl_update(state, exp, rng, algo=algo, models=models, policy_tx=policy_tx,
+                      value_tx=value_tx, temperature=temperature, grad_fn=grad_fn)
+
+
+def _rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models: RLModels,
+               policy_tx, value_tx, temperature: float = 1.0, grad_fn=None):
   grad_fn = grad_fn or (lambda s, mb, on_policy: minibatch_grads(
       s, mb, algo=algo, models=models, temperature=temperature, on_policy=on_policy))
   b = exp.response_ids.shape[0]
