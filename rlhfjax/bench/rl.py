@@ -276,7 +276,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   from rlhfjax.bench import peer_work as work
   from rlhfjax.models.heads import RewardModel
   from rlhfjax.models.init import init_params
-  from rlhfjax.models.transformer import TransformerConfig
+  from rlhfjax.models.transformer import BAND_CHUNK, TransformerConfig
   from rlhfjax.parallel import axes, replicated
   from rlhfjax.rewards.scorers import score as rm_score
   from rlhfjax.sampling import SamplingConfig
@@ -363,12 +363,15 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     sampling over the rows x columns they saw (trimmed, packed or shared-prompt rows)."""
     n, slots, full = r["decoded"], r["slots"], p + max_new
     b_seq = r["rows"] * slots  # token slots of each forward after sampling
-    if cfg.share_prompt:  # a response token attends to its prompt (p - 1 slots) and its own earlier
-      # tokens (max_new / 2 on average) only (`attention_band`): a causal context of 2 (p - 1) + max_new
+    if cfg.share_prompt and slots > p - 1 + max_new - 1 + BAND_CHUNK:  # banded (`attention_band`): a
+      # response token scores its prompt (p - 1 slots) and its own earlier tokens (max_new / 2 on
+      # average): a causal context of 2 (p - 1) + max_new
       slots = 2 * (p - 1) + max_new
     fwd = model.forward_flops_per_token
-    # prefill (one row per prompt group; it gives the first token) + decode (every row, each later token)
-    out = b // prefill_group(b, sc) * p * fwd(p) + b * max(n - 1, 0) * fwd(2 * p + n)
+    # prefill (one row per prompt group; it gives the first token) + decode (every row): a forward
+    # after each token but the budget's last; when every row stopped early (EOS), after each
+    steps = n if n < max_new else max_new - 1
+    out = b // prefill_group(b, sc) * p * fwd(p) + b * steps * fwd(2 * p + n)
     models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
     trained = fwd(slots)
     if algo == "ppo":

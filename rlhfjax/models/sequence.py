@@ -194,8 +194,9 @@ def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
 def predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
   """(tokens, mask, positions) [B, P + N - 1] of the columns whose outputs predict the N response
   tokens: the prompt and the response but its last token, which predicts nothing (a causal model's
-  outputs at the other columns do not depend on it). Output columns P - 1 ... P + N - 2 predict
-  response tokens 0 ... N - 1."""
+  outputs at the other columns do not depend on it; every policy and critic must be causal, as a
+  policy that samples token by token is). Output columns P - 1 ... P + N - 2 predict response
+  tokens 0 ... N - 1."""
   n = max(response_ids.shape[1] - 1, 0)
   return concat_prompt_response(prompt_ids, prompt_mask, response_ids[:, :n], response_mask[:, :n])
 

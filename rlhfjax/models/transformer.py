@@ -254,7 +254,11 @@ def attention_band(prefix: int, window: int):
   a query below `prefix` sees keys below it only, as in a shared-prompt row
   (`models.sequence.share_lengths`: the group's prompt, then each response's own tokens). Scores
   are then computed over `prefix + window + BAND_CHUNK` keys per query instead of the row's width
-  (`banded_attention`); the segment ids still decide which keys a query sees."""
+  (`banded_attention`); the segment ids still decide which keys a query sees.
+
+  It is read while tracing and is not part of `jax.jit`'s cache key: enter it inside the jitted
+  function (as `train.rl.make_experience` and `rl_update` do), never around a call of a function
+  jitted elsewhere, which may reuse a trace made without it (or with another band)."""
   token = _BAND.set((prefix, window))
   try:
     yield

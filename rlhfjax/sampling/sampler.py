@@ -181,7 +181,8 @@ def _generate(params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> S
   if hasattr(model, "init_cache"):
     if hasattr(model, "decode_params"):
       params = model.decode_params(params)
-    widths = cache_widths(n) if config.grow_cache else [n]
+    # the cache holds p + n - 1 slots at most: no forward runs after the last token
+    widths = cache_widths(max(n - 1, 1)) if config.grow_cache else [max(n - 1, 1)]
     g = prefill_group(b, config)
     first = slice(None, None, g)  # each group's first row; its cache and logits serve the group
     logits, cache = apply(prompt_ids[first], positions_from_mask(prompt_mask[first]),

@@ -79,8 +79,9 @@ class AlgoConfig:
   # GRPO-family groups: each group's shared prompt computed once per forward (`models.sequence.
   # share_lengths`; -29 % tokens at 8-token prompts x 8 samples x 16 new tokens, more with long
   # prompts); a packing, so the same needs as `pack`. The rows of a group must share the prompt.
-  # A row is prompt + all G responses wide and attention is quadratic in it: for long responses
-  # and big groups `pack` can be faster (the long peer workload: pack 0.92 s, share 1.08 s).
+  # A row is prompt + all G responses wide; its attention is banded (`models.transformer.
+  # attention_band`: each query scores the prompt and N - 1 + 16 slots, not the row). Measured
+  # before the band, on the long peer workload `pack` was faster (0.92 s against 1.08 s).
   share_prompt: bool = False
   # Truncated importance sampling (TIS, Yao et al. 2025): each token's policy-gradient loss times
   # min(pi_trainer / pi_sampler, cap), for a sampler whose log-probs differ from the trainer's
