@@ -270,9 +270,10 @@ def banded_attention(q, keys, values, allowed, prefix: int, window: int, scale: 
                      chunk: int = BAND_CHUNK):
   """Attention of queries [B, T, K, G, H] over keys / values [B, T, K, H] under `attention_band`'s
   assumption. `allowed(q_slots [M, Q], k_slots [M, S]) -> bool [B, M, Q, S]`: may query slot
-  `q_slots[m, i]` see key slot `k_slots[m, j]` (slot -1: padding, never). Queries after the prefix go in chunks of `chunk`; each chunk's scores
-  cover the prefix's keys and its band of `window + chunk` slots (band slots below the prefix are
-  left to the prefix part). -> [B, T, K, G, H]."""
+  `q_slots[m, i]` see key slot `k_slots[m, j]` (slot -1: padding, never). Queries after the
+  prefix go in chunks of `chunk`; each chunk's scores cover the prefix's keys and its band of
+  `window + chunk` slots (band slots below the prefix are left to the prefix part).
+  -> [B, T, K, G, H]."""
   b, t = q.shape[:2]
   m = -(-(t - prefix) // chunk)
   q_slot = prefix + np.arange(m * chunk).reshape(m, chunk)
@@ -385,7 +386,6 @@ class Attention(nn.Module):
     """The no-cache forward's `allowed` [B, M, Q, S] for the slots `q_slots` [M, Q] and `k_slots`
     [M, S] (-1: padding, never allowed): causal, segments as there, the sliding window on local
     layers (`banded_attention`'s `allowed`)."""
-    (m, nq), ns = q_slots.shape, k_slots.shape[1]
     take = lambda a, i: jnp.take(a, np.maximum(i, 0).reshape(-1), axis=1).reshape(  # noqa: E731
         a.shape[0], *i.shape)
     seg_q, seg_k = take(segments, q_slots)[..., None], take(segments, k_slots)[:, :, None, :]
