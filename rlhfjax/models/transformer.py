@@ -303,6 +303,19 @@ def banded_attention(q, keys, values, allowed, prefix: int, window: int, scale: 
   return jnp.concatenate([out0, out], axis=1)
 
 
+def _visible(q_slot, k_slot, seg_q, seg_k, pos_q, pos_k, window: int, is_local):
+  """May a query see a key, without a cache (arrays broadcast together): causal over slots (-1:
+  padding, never), a real key, and in packed rows (`models.sequence.Packing`, whose mask holds
+  segment ids) its own segment's keys and, in a shared-prompt row (`models.sequence.
+  share_lengths`), its group's prompt (0/1 masks are unaffected: a real query's keys are all 1);
+  on local layers the sliding window, over positions (packed rows keep each sequence's own)."""
+  ok = (k_slot <= q_slot) & (k_slot >= 0) & (q_slot >= 0) & (seg_k > 0)
+  ok = ok & ((seg_k == seg_q) | (seg_q == 0) | (seg_k == seg_q // SEGMENT_GROUP * SEGMENT_GROUP))
+  if is_local is not None:
+    ok = ok & ((pos_q - pos_k < window) | ~is_local)
+  return ok
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
@@ -342,7 +355,6 @@ class Attention(nn.Module):
     t = x.shape[1]
     if cache is None:
       keys, values, kv = kk, vv, "BSKH"
-      q_slot = jnp.arange(t)
       new_cache = None
     else:
       write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731  [B, T, K, H] -> [B, K, T, H]
@@ -357,19 +369,16 @@ class Attention(nn.Module):
                              functools.partial(self._allowed, mask, positions, is_local), *band, scale)
       return self._out(out.reshape(x.shape[0], t, n, h), wo), new_cache
     s = keys.shape[kv.index("S")]
-    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)  # [B, T, S]
-    if cache is None:  # packed rows (`models.sequence.Packing`): `mask` holds segment ids, a query
-      # sees its own segment's keys and, in a shared-prompt row (`models.sequence.share_lengths`),
-      # its group's prompt; 0/1 masks are unaffected (a real query's keys are all 1)
-      seg_q, seg_k = mask[:, :, None], mask[:, None, :]
-      allowed = allowed & ((seg_k == seg_q) | (seg_q == 0) | (seg_k == seg_q // SEGMENT_GROUP * SEGMENT_GROUP))
-    if is_local is not None:  # sliding window: over positions without a cache (packed rows keep each
-      # sequence's own), over slots with one (= positions: a row's real tokens are contiguous)
-      if cache is None:
-        in_window = positions[:, :, None] - positions[:, None, :] < cfg.sliding_window  # [B, T, S]
-      else:
+    if cache is None:  # [B, T, S]
+      slots = np.arange(t)
+      allowed = _visible(slots[None, :, None], slots[None, None, :], mask[:, :, None], mask[:, None, :],
+                         positions[:, :, None], positions[:, None, :], cfg.sliding_window, is_local)
+    else:  # keys: the cache's filled slots; the sliding window over slots (= positions: a row's
+      # real tokens are contiguous)
+      allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)
+      if is_local is not None:
         in_window = (q_slot[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window)[None]  # [1, T, S]
-      allowed = allowed & (in_window | ~is_local)
+        allowed = allowed & (in_window | ~is_local)
 
     if cache is None and cfg.attention == "dot_product":
       out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None],
@@ -383,19 +392,14 @@ class Attention(nn.Module):
     return self._out(out, wo), new_cache
 
   def _allowed(self, segments, positions, is_local, q_slots, k_slots):
-    """The no-cache forward's `allowed` [B, M, Q, S] for the slots `q_slots` [M, Q] and `k_slots`
-    [M, S] (-1: padding, never allowed): causal, segments as there, the sliding window on local
-    layers (`banded_attention`'s `allowed`)."""
+    """`_visible` [B, M, Q, S] for the slots `q_slots` [M, Q] and `k_slots` [M, S] (-1: padding)
+    of the no-cache forward (`banded_attention`'s `allowed`)."""
     take = lambda a, i: jnp.take(a, np.maximum(i, 0).reshape(-1), axis=1).reshape(  # noqa: E731
         a.shape[0], *i.shape)
-    seg_q, seg_k = take(segments, q_slots)[..., None], take(segments, k_slots)[:, :, None, :]
-    ok = ((k_slots[:, None, :] <= q_slots[:, :, None]) & (k_slots >= 0)[:, None, :]
-          & (q_slots >= 0)[:, :, None])[None] & (seg_k > 0)
-    ok = ok & ((seg_k == seg_q) | (seg_q == 0) | (seg_k == seg_q // SEGMENT_GROUP * SEGMENT_GROUP))
-    if is_local is not None:
-      near = take(positions, q_slots)[..., None] - take(positions, k_slots)[:, :, None, :]
-      ok = ok & ((near < self.cfg.sliding_window) | ~is_local)
-    return ok
+    return _visible(q_slots[None, :, :, None], k_slots[None, :, None, :],
+                    take(segments, q_slots)[..., None], take(segments, k_slots)[:, :, None, :],
+                    take(positions, q_slots)[..., None], take(positions, k_slots)[:, :, None, :],
+                    self.cfg.sliding_window, is_local)
 
   def _out(self, out, wo):
     """The output projection (+ bias) of the heads' outputs [B, T, N, H] -> [B, T, D]."""
