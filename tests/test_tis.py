@@ -1,5 +1,6 @@
 """Sampler/trainer mismatch: truncated importance sampling (`rl.tis_cap`) against a NumPy
-reference, in the update, and a bfloat16 sampler (`rl_sampling.dtype`) for a float32 policy."""
+reference, in the update, and a bfloat16 sampler (`rl_sampling.dtype`) for a float32 policy; the
+old log-probs taken from the sampler (`rl.sampler_logprobs`) against recomputed ones."""
 
 import dataclasses
 import functools
@@ -14,8 +15,9 @@ from rlhfjax import rl
 from rlhfjax.models import PolicyModel, TransformerConfig, init_params
 from rlhfjax.models.sequence import response_logprobs
 from rlhfjax.parallel import create_mesh
-from rlhfjax.sampling import SamplingConfig, generate
-from rlhfjax.train.rl import AlgoConfig
+from rlhfjax.parallel import axes
+from rlhfjax.sampling import Rollout, SamplingConfig, generate
+from rlhfjax.train.rl import AlgoConfig, RLModels, make_experience_fn
 from rlhfjax.train.rl_stage import sampler_model
 from tests.conftest import _random_rollout
 
@@ -142,3 +144,66 @@ def test_trimming_cuts_the_sampler_logprobs():
   assert cut.response_ids.shape == cut.logprobs.shape == (4, 16)
   np.testing.assert_array_equal(cut.logprobs, rollout.logprobs[:, :16])
   assert cut_responses(rollout.replace(logprobs=None), 24).logprobs is None
+
+
+def _sampled(params, cfg, seed, b=16, p=5, n=8):
+  """A rollout sampled from the policy `params` (ragged prompts, EOS id 3) with the sampler's
+  log-probs, and random scores [b]."""
+  rng = np.random.default_rng(seed)
+  mask = (np.arange(p)[None] >= rng.integers(0, 3, b)[:, None]).astype(np.int32)
+  ids = rng.integers(4, cfg.vocab_size, (b, p)).astype(np.int32) * mask
+  out = generate(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+                 SamplingConfig(model=cfg, max_new_tokens=n, eos_id=3))
+  return Rollout.from_sample(jnp.asarray(ids), jnp.asarray(mask), out), rng.normal(size=b).astype(np.float32)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_sampler_logprobs_give_the_recomputed_update(algo, rl_loop, tiny_cfg):
+  """Two epochs x two minibatches (off-policy: the old log-probs matter) on a rollout the start
+  policy sampled: taking its log-probs from the sampler gives the update that recomputes them.
+  (The reference is the start policy here, so the KL is 0; the next test has a KL.)"""
+  mesh = create_mesh((1, 1, 1), jax.devices()[:1])
+  base = dict(algo=algo, group_size=1 if algo == "ppo" else 4, minibatch_size=8, epochs=2, kl_coef=0.1)
+  start = init_params(PolicyModel(tiny_cfg), jax.random.key(0))  # `rl_loop`'s start policy
+  sampled = lambda seed: _sampled(start, tiny_cfg, seed)  # noqa: E731
+  sampler, ms = rl_loop(AlgoConfig(sampler_logprobs=True, **base), mesh, iters=1, rollout_fn=sampled)
+  recomputed, mr = rl_loop(AlgoConfig(**base), mesh, iters=1, rollout_fn=sampled)
+  chex.assert_trees_all_close(sampler.policy.params, recomputed.policy.params, atol=1e-5)
+  if algo == "ppo":
+    chex.assert_trees_all_close(sampler.value.params, recomputed.value.params, atol=1e-5)
+  assert sorted(ms[0]) == sorted(mr[0])
+  chex.assert_trees_all_close({k: v for k, v in ms[0].items() if k != "entropy"},
+                              {k: v for k, v in mr[0].items() if k != "entropy"}, atol=1e-5, rtol=1e-5)
+  assert mr[0]["ratio_max"] > 1.0 + 1e-4  # the later steps' ratios moved off 1: the old log-probs mattered
+  # the update's mean entropy over its steps, near the rollout's (the policy moves a little)
+  assert abs(ms[0]["entropy"] - mr[0]["entropy"]) < 0.05 and ms[0]["entropy"] > 1.0
+
+
+def test_sampler_logprobs_skip_the_policy_forward(tiny_cfg):
+  mesh = create_mesh((1, 1, 1), jax.devices()[:1])
+  models = RLModels(policy=PolicyModel(tiny_cfg))
+  params, ref = (init_params(models.policy, jax.random.key(k)) for k in (0, 1))
+  rollout, scores = _sampled(params, tiny_cfg, 0)
+  args = (params, ref, None, rollout, jnp.asarray(scores), jnp.float32(0.1))
+  out, flops = {}, {}
+  for on in (True, False):
+    fn = make_experience_fn(AlgoConfig(group_size=4, minibatch_size=8, sampler_logprobs=on), models, mesh,
+                            axes.DEFAULT_RULES)
+    out[on] = fn(*args)
+    cost = fn.lower(*args).compile().cost_analysis()
+    flops[on] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  assert flops[True] < 0.6 * flops[False]  # the reference forward only
+  (exp, m), (exp_old, m_old) = out[True], out[False]
+  np.testing.assert_array_equal(exp.old_logprobs, rollout.logprobs * rollout.response_mask)
+  np.testing.assert_allclose(exp.old_logprobs, exp_old.old_logprobs, atol=1e-5)  # cached decode = forward
+  assert np.asarray(exp_old.old_logprobs).min() < -1.0
+  assert "entropy" not in m and "entropy" in m_old
+  np.testing.assert_allclose(m["kl_seq_mean"], m_old["kl_seq_mean"], atol=1e-5)
+  fn = make_experience_fn(AlgoConfig(group_size=4, minibatch_size=8, sampler_logprobs=True), models, mesh,
+                          axes.DEFAULT_RULES)
+  with pytest.raises(ValueError, match="sampler_logprobs needs the sampler's log-probs"):
+    fn(params, ref, None, rollout.replace(logprobs=None), jnp.asarray(scores), jnp.float32(0.1))
+  with pytest.raises(ValueError, match="rl.shared_trunk needs"):
+    AlgoConfig(algo="ppo", shared_trunk=True, sampler_logprobs=True)
+  with pytest.raises(ValueError, match="none are recomputed"):
+    AlgoConfig(sampler_logprobs=True, tis_cap=2.0)

@@ -248,7 +248,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        max_new: int | None = None, steps: int = 5, warmup: int = 1,
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
                        pack: bool | None = None, share_prompt: bool | None = None,
-                       remat: bool | str | None = None, **_) -> dict:
+                       remat: bool | str | None = None, sampler_logprobs: bool | None = None,
+                       **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -265,6 +266,9 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   once (on the long work packing is faster: a shared row holds one group). `remat`: layers
   rematerialized in the backward pass, keeping what `model.remat_policy` says (`common.remat_fields`;
   default "dots": ~5 % faster iterations than without remat on the 2-core CPU, every workload).
+  `sampler_logprobs` (`rl.sampler_logprobs`; default: on for PPO, whose off-policy minibatches read
+  the old log-probs, as TRL's PPOTrainer takes them from the generation's logits): no policy
+  forward in the experience phase.
   Compile excluded: `warmup` untimed iterations first (with `long`, compiling every trimmed width
   or packed row count).
   """
@@ -313,7 +317,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     cfg = AlgoConfig(algo="ppo", group_size=1, epochs=w["epochs"], minibatch_size=minibatch,
                      kl_coef=w["kl_coef"], kl_mode="reward", kl_estimator=w["kl_estimator"],
                      lam=w["lam"], gamma=w["gamma"], missing_eos_penalty=w["missing_eos_penalty"],
-                     clip_eps=w["clip_eps"], value_clip=w["value_clip"])
+                     clip_eps=w["clip_eps"], value_clip=w["value_clip"],
+                     sampler_logprobs=True if sampler_logprobs is None else sampler_logprobs)
   optim = RLOptimConfig(learning_rate=w["learning_rate"], value_learning_rate=w["learning_rate"],
                         warmup_steps=1, grad_clip=w["grad_clip"])
   mesh, rules = make_mesh(devices), axes.DEFAULT_RULES

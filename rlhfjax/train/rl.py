@@ -87,6 +87,12 @@ class AlgoConfig:
   # min(pi_trainer / pi_sampler, cap), for a sampler whose log-probs differ from the trainer's
   # (rl_sampling.dtype='bfloat16' with a float32 policy); verl and TRL use cap 2. 0 = off.
   tis_cap: float = 0.0
+  # Off-policy steps (several epochs or minibatches): the old log-probs are the sampler's
+  # (`Rollout.logprobs`), not a policy forward in `make_experience`, as in TRL's PPOTrainer and
+  # verl without recompute. They equal the recomputed ones up to float rounding when the sampler
+  # computes in the policy's dtype (a bf16 sampler: leave off, use `tis_cap`). The `entropy` metric
+  # then comes from the update's forwards. Off: the policy forward runs (the default).
+  sampler_logprobs: bool = False
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -107,6 +113,12 @@ class AlgoConfig:
                        f"needs rl.microbatch_size=0")
     if self.tis_cap < 0:
       raise ValueError(f"rl.tis_cap must be >= 0 (0 = off), got {self.tis_cap}")
+    if self.sampler_logprobs and self.shared_trunk:
+      raise ValueError("rl.sampler_logprobs skips the policy forward of make_experience, which "
+                       "rl.shared_trunk needs for its values: set one")
+    if self.sampler_logprobs and self.tis_cap:
+      raise ValueError("rl.tis_cap corrects the sampler's log-probs against recomputed ones; with "
+                       "rl.sampler_logprobs none are recomputed: set one")
     if self.share_prompt and self.group_size < 2:
       raise ValueError(f"rl.share_prompt shares a group's prompt: it needs rl.group_size >= 2, got "
                        f"{self.group_size}")
@@ -212,12 +224,12 @@ class Experience:
   prompt_mask: jax.Array  # [B, P]
   response_ids: jax.Array  # [B, N]
   response_mask: jax.Array  # [B, N] float32
-  old_logprobs: jax.Array  # [B, N] behaviour policy (recomputed, not the sampler's; 0 when `algo.on_policy(B)`)
+  old_logprobs: jax.Array  # [B, N] behaviour policy (recomputed; the sampler's with `rl.sampler_logprobs`; 0 when `algo.on_policy(B)`)
   ref_logprobs: jax.Array  # [B, N] frozen reference
   old_values: jax.Array  # [B, N] critic at collection (0 without a critic)
   advantages: jax.Array  # [B, N]
   returns: jax.Array  # [B, N] critic targets (0 without a critic)
-  sampler_logprobs: jax.Array  # [B, N] the sampler's log-probs with `rl.tis_cap` (else 0)
+  sampler_logprobs: jax.Array  # [B, N] the sampler's log-probs with `rl.tis_cap` or `rl.sampler_logprobs` (else 0)
   packing: Packing | None = None  # with `rl.pack` / `rl.share_prompt`: the rollout's packed rows (replicated; not batch-split)
 
 
@@ -292,7 +304,9 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   `policy_params`' value head in the same forward as the log-probs).
 
   When `algo.on_policy(B)` the policy forward is skipped: `old_logprobs` are zeros (the update
-  reads its own), and the `kl_seq_mean` / `entropy` metrics come from the update.
+  reads its own), and the `kl_seq_mean` / `entropy` metrics come from the update. Otherwise, with
+  `algo.sampler_logprobs`, it is skipped too: `old_logprobs` are the rollout's, and `entropy`
+  comes from the update.
   """
   with shared_prompt_band(algo, rollout):
     return _make_experience(policy_params, ref_params, value_params, rollout, scores, kl_coef,
@@ -307,13 +321,16 @@ def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, 
   model = models.actor_critic if algo.shared_trunk else models.policy
   zeros = jnp.zeros_like(mask)
   sampler_logprobs = zeros
-  if algo.tis_cap:
+  if algo.tis_cap or (algo.sampler_logprobs and not on_policy):
     if rollout.logprobs is None:
-      raise ValueError("rl.tis_cap needs the sampler's log-probs: a Rollout with `logprobs` "
-                       "(Rollout.from_sample keeps them)")
+      raise ValueError(f"rl.{'tis_cap' if algo.tis_cap else 'sampler_logprobs'} needs the sampler's "
+                       f"log-probs: a Rollout with `logprobs` (Rollout.from_sample keeps them)")
     sampler_logprobs = rollout.logprobs.astype(jnp.float32) * mask
   logprobs = zeros
-  if not on_policy:
+  recompute = not on_policy and not algo.sampler_logprobs
+  if not on_policy and algo.sampler_logprobs:  # the behaviour log-probs as sampled: no forward
+    logprobs = sampler_logprobs
+  if recompute:
     logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask,
                                                             temperature, values=algo.shared_trunk,
                                                             packing=rollout.packing)
@@ -374,7 +391,9 @@ def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, 
       "advantage_abs_mean": rl.masked_mean(jnp.abs(advantages), mask),
   }
   if not on_policy:
-    metrics.update(kl_seq_mean=seq_kl.mean(), entropy=rl.masked_mean(entropy, mask))
+    metrics["kl_seq_mean"] = seq_kl.mean()
+  if recompute:  # else the update's forwards give it
+    metrics["entropy"] = rl.masked_mean(entropy, mask)
   if algo.algo == "ppo":
     metrics["value_mean"] = rl.masked_mean(values, mask)
     metrics["return_mean"] = rl.masked_mean(returns, mask)
@@ -409,7 +428,8 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
   logprobs, entropy, values = response_token_stats(
       params, models.actor_critic if algo.shared_trunk else models.policy, mb.prompt_ids,
       mb.prompt_mask, mb.response_ids, mask, temperature,
-      entropy=bool(algo.entropy_coef) or on_policy, values=algo.shared_trunk, packing=mb.packing)
+      entropy=bool(algo.entropy_coef) or on_policy or algo.sampler_logprobs, values=algo.shared_trunk,
+      packing=mb.packing)
   old, ref = mb.old_logprobs, mb.ref_logprobs
   if on_policy:
     old = jax.lax.stop_gradient(logprobs) * mask
@@ -429,6 +449,8 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
     units = jnp.maximum(_units(mask, algo.aggregation), 1e-30)
     metrics["kl_sum_per_unit"] = (rl.kl_estimate(old, ref, "k1") * mask).sum() / units
     metrics["entropy_sum_per_unit"] = jax.lax.stop_gradient(entropy * mask).sum() / units
+  elif algo.sampler_logprobs:  # no forward before the update measured it: the mean over its steps
+    metrics["entropy"] = rl.masked_mean(jax.lax.stop_gradient(entropy), mask)
   if algo.kl_placement == "loss":
     kl = rl.kl_estimate(logprobs, ref, "k3")
     kl_loss = rl.aggregate_loss(kl, mask, **agg)
