@@ -295,10 +295,23 @@ def shared_prompt_band(algo: AlgoConfig, batch):
   return attention_band(batch.prompt_ids.shape[1] - 1, batch.response_ids.shape[1] - 1)
 
 
+@flax.struct.dataclass
+class Forwards:
+  """What `make_experience` computes before it reads the scores: [B, N] float32 arrays, 0 where the
+  rollout's response mask is 0, or None where not computed."""
+
+  logprobs: Any = None  # behaviour log-probs (None: on-policy, or `rl.sampler_logprobs`)
+  entropy: Any = None  # their entropy (None with `logprobs`)
+  ref_logprobs: Any = None  # reference log-probs (None: no KL term can matter)
+  values: Any = None  # the critic's or the shared trunk's values (None without a critic)
+
+
 def make_experience(policy_params, ref_params, value_params, rollout: Rollout, scores, kl_coef, *,
                     algo: AlgoConfig, models: RLModels, temperature: float = 1.0):
   """(Experience, scalar metrics) of one `Rollout` with [B] `scores` and the current beta `kl_coef`:
   log-probs (at the sampler's `temperature`), reference log-probs, values, rewards, advantages.
+  `experience_from_forwards(experience_forwards(...), ...)`: the forwards need no scores, so a loop
+  can run them while the host scores (`make_experience_fns`).
 
   `value_params` is the separate critic's (PPO only; with `shared_trunk` the values come from
   `policy_params`' value head in the same forward as the log-probs).
@@ -308,17 +321,38 @@ def make_experience(policy_params, ref_params, value_params, rollout: Rollout, s
   `algo.sampler_logprobs`, it is skipped too: `old_logprobs` are the rollout's, and `entropy`
   comes from the update.
   """
+  fwd = experience_forwards(policy_params, ref_params, value_params, rollout, algo=algo, models=models,
+                            temperature=temperature)
+  return experience_from_forwards(fwd, rollout, scores, kl_coef, algo=algo)
+
+
+def experience_forwards(policy_params, ref_params, value_params, rollout: Rollout, *, algo: AlgoConfig,
+                        models: RLModels, temperature: float = 1.0) -> Forwards:
+  """The model forwards of `make_experience` (`Forwards`): they read the rollout, not its scores."""
   with shared_prompt_band(algo, rollout):
-    return _make_experience(policy_params, ref_params, value_params, rollout, scores, kl_coef,
-                            algo=algo, models=models, temperature=temperature)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
+    mask = rollout.response_mask.astype(jnp.float32)
+    fwd = Forwards()
+    if not algo.on_policy(mask.shape[0]) and not algo.sampler_logprobs:
+      model = models.actor_critic if algo.shared_trunk else models.policy
+      logprobs, entropy, shared = response_token_stats(policy_params, model, *args, mask, temperature,
+                                                       values=algo.shared_trunk, packing=rollout.packing)
+      fwd = fwd.replace(logprobs=logprobs * mask, entropy=entropy,
+                        values=shared * mask if algo.shared_trunk else None)
+    if algo.uses_reference:  # without a KL term the reference cannot matter: its forward is skipped
+      fwd = fwd.replace(ref_logprobs=response_token_stats(
+          ref_params, models.policy, *args, mask, temperature, entropy=False, packing=rollout.packing)[0] * mask)
+    if algo.separate_critic:
+      fwd = fwd.replace(values=response_values(value_params, models.critic, *args, mask,
+                                               rollout.packing) * mask)
+    return fwd
 
 
-def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, scores, kl_coef, *,
-                     algo: AlgoConfig, models: RLModels, temperature: float = 1.0):
-  args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
+def experience_from_forwards(fwd: Forwards, rollout: Rollout, scores, kl_coef, *, algo: AlgoConfig):
+  """(Experience, scalar metrics) of `make_experience` from its `Forwards` and the [B] `scores`.
+  `rollout.response_mask` may be narrower than the forwards' (rows masked after scoring)."""
   mask = rollout.response_mask.astype(jnp.float32)
   on_policy = algo.on_policy(mask.shape[0])
-  model = models.actor_critic if algo.shared_trunk else models.policy
   zeros = jnp.zeros_like(mask)
   sampler_logprobs = zeros
   if algo.tis_cap or (algo.sampler_logprobs and not on_policy):
@@ -326,19 +360,9 @@ def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, 
       raise ValueError(f"rl.{'tis_cap' if algo.tis_cap else 'sampler_logprobs'} needs the sampler's "
                        f"log-probs: a Rollout with `logprobs` (Rollout.from_sample keeps them)")
     sampler_logprobs = rollout.logprobs.astype(jnp.float32) * mask
-  logprobs = zeros
-  recompute = not on_policy and not algo.sampler_logprobs
-  if not on_policy and algo.sampler_logprobs:  # the behaviour log-probs as sampled: no forward
-    logprobs = sampler_logprobs
-  if recompute:
-    logprobs, entropy, shared_values = response_token_stats(policy_params, model, *args, mask,
-                                                            temperature, values=algo.shared_trunk,
-                                                            packing=rollout.packing)
-    logprobs = logprobs * mask
-  ref_logprobs = logprobs  # without a KL term the reference cannot matter: its forward is skipped
-  if algo.uses_reference:
-    ref_logprobs = response_token_stats(ref_params, models.policy, *args, mask, temperature,
-                                        entropy=False, packing=rollout.packing)[0] * mask
+  recompute = fwd.logprobs is not None
+  logprobs = fwd.logprobs * mask if recompute else sampler_logprobs if algo.sampler_logprobs else zeros
+  ref_logprobs = logprobs if fwd.ref_logprobs is None else fwd.ref_logprobs * mask
   # on-policy, the KL is in the loss or nowhere: the reward's beta below is 0 and the update logs it
   kl = zeros if on_policy else rl.kl_estimate(logprobs, ref_logprobs, algo.kl_estimator) * mask
   seq_kl = kl.sum(axis=1)
@@ -355,10 +379,7 @@ def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, 
   values, returns = zeros, zeros
   g = algo.group_size
   if algo.algo == "ppo":
-    if algo.shared_trunk:
-      values = shared_values * mask
-    else:
-      values = response_values(value_params, models.critic, *args, mask, rollout.packing) * mask
+    values = fwd.values * mask
     advantages, returns = rl.gae(token_rewards, values, mask, gamma=algo.gamma, lam=algo.lam)
     if algo.whiten_advantages:
       advantages = rl.whiten(advantages, mask)
@@ -393,7 +414,7 @@ def _make_experience(policy_params, ref_params, value_params, rollout: Rollout, 
   if not on_policy:
     metrics["kl_seq_mean"] = seq_kl.mean()
   if recompute:  # else the update's forwards give it
-    metrics["entropy"] = rl.masked_mean(entropy, mask)
+    metrics["entropy"] = rl.masked_mean(fwd.entropy, mask)
   if algo.algo == "ppo":
     metrics["value_mean"] = rl.masked_mean(values, mask)
     metrics["return_mean"] = rl.masked_mean(returns, mask)
@@ -690,3 +711,16 @@ def make_experience_fn(algo: AlgoConfig, models: RLModels, mesh, rules, *, tempe
                                                    models=models, temperature=temperature)
   return jax.jit(traced_in_layout(fn, mesh, rules),
                  out_shardings=(experience_shardings(mesh, rules, algo.packs), replicated(mesh)))
+
+
+def make_experience_fns(algo: AlgoConfig, models: RLModels, mesh, rules, *, temperature: float = 1.0):
+  """`(forwards, finish)`: `jax.jit`s of `experience_forwards` and `experience_from_forwards`;
+  `finish(forwards(p, r, v, roll), roll, s, k)` is `make_experience_fn(...)(p, r, v, roll, s, k)`.
+  Called before the scoring, `forwards` runs on the devices while the host scores (dispatch is
+  asynchronous); experience comes out batch-sharded."""
+  fwd = lambda p, r, v, roll: experience_forwards(p, r, v, roll, algo=algo, models=models,  # noqa: E731
+                                                  temperature=temperature)
+  fin = lambda f, roll, s, k: experience_from_forwards(f, roll, s, k, algo=algo)  # noqa: E731
+  return (jax.jit(traced_in_layout(fwd, mesh, rules), out_shardings=batch_sharding(mesh, 2, rules)),
+          jax.jit(traced_in_layout(fin, mesh, rules),
+                  out_shardings=(experience_shardings(mesh, rules, algo.packs), replicated(mesh))))

@@ -2,7 +2,11 @@
 
 One iteration (`RLStage.step`; `rlhfjax.train.stage` runs the loop around it):
 
-    prompts -> sampling.generate -> decode -> scorer -> make_experience (jit) -> rl_update (jit)
+    prompts -> sampling.generate -> experience forwards (jit, dispatched) -> decode -> scorer
+            -> experience from the forwards and scores (jit) -> rl_update (jit)
+
+The experience's forwards (old log-probs, reference, values) need no scores, so they run on the
+devices while the host decodes and scores (`make_experience_fns`).
 
 The only host round-trip is the decoded text for the `Scorer` (verifiers on text here,
 `config.rl_reward`; the reward model in the `ppo` subclass). In a multi-process run every process
@@ -30,7 +34,7 @@ from rlhfjax.models.transformer import TransformerConfig
 from rlhfjax.parallel import shard_batch
 from rlhfjax.parallel.distributed import local_rows, process_mean, process_rows
 from rlhfjax.sampling import Rollout, SamplingConfig, generate
-from rlhfjax.train.rl import (AlgoConfig, RLModels, RLOptimConfig, init_rl_state, make_experience_fn,
+from rlhfjax.train.rl import (AlgoConfig, RLModels, RLOptimConfig, init_rl_state, make_experience_fns,
                               make_rl_update, pack_rollout, rl_state_shardings)
 from rlhfjax.train.stage import Run, Stage, StopRun, register_stage, stage_params
 
@@ -300,8 +304,8 @@ class RLStage(Stage):
                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                   layout=(run.mesh, run.rules),  # activations batch-split
                                   prompt_group=algo.group_size)  # one prefill per prompt
-    self.experience_fn = make_experience_fn(algo, self.models, run.mesh, run.rules,
-                                            temperature=s.temperature)
+    self.forwards_fn, self.experience_fn = make_experience_fns(algo, self.models, run.mesh, run.rules,
+                                                               temperature=s.temperature)
     if self.loop.update_variant == "shard_map":
       from rlhfjax.train.rl_shard_map import make_rl_update_shard_map as make_update
     else:
@@ -332,8 +336,13 @@ class RLStage(Stage):
     out = generate(state.policy.params, ids, mask, it_rng, self.sampler)
     tokens_host, mask_host = local_rows(out.tokens), local_rows(out.mask)
     t_sample = time.perf_counter()
-    texts = run.tokenizer.decode_batch(tokens_host, mask_host)
     rollout = Rollout.from_sample(ids, mask, out)
+    value_params = state.value.params if self.algo.separate_critic else None
+    # later forwards skip the responses' padding: trimmed, or packed with rl.pack
+    packed = pack_rollout(rollout, self.algo, run.mesh, run.rules)
+    # the experience's forwards need no scores: dispatched now, they run while the host scores
+    forwards = self.forwards_fn(state.policy.params, self.ref_params, value_params, packed)
+    texts = run.tokenizer.decode_batch(tokens_host, mask_host)
     scores, score_metrics = self.scorer(texts, group, rollout)
     scores = local_rows(scores) if isinstance(scores, jax.Array) else np.asarray(scores, np.float32)
     score_metrics["unscored_share"] = max([float(np.isnan(scores).mean())] + [
@@ -342,18 +351,16 @@ class RLStage(Stage):
       scores, valid = mask_unscored(scores, g)
       score_metrics["scored_fraction"] = float(valid.mean())
       valid = shard_batch(valid.astype(mask_host.dtype), run.mesh, run.rules)
-      rollout = rollout.replace(response_mask=out.mask * valid[:, None])  # on every process alike
+      # the unscored rows leave the experience (on every process alike)
+      packed = packed.replace(response_mask=packed.response_mask * valid[:, None])
     elif np.isnan(scores).any():  # a custom scorer broke the contract for "zero"
       scores = np.nan_to_num(scores, nan=0.0)
     score_metrics.update(rollout_stats(texts, [e.get("answer") for e in group]),
                          reward_mean=float(np.mean(scores)))
     score_metrics = process_mean(score_metrics, sum_prefixes=("reward_nan_",))
     t_score = time.perf_counter()
-    value_params = state.value.params if self.algo.separate_critic else None
-    # later forwards skip the responses' padding: trimmed, or packed with rl.pack
-    rollout = pack_rollout(rollout, self.algo, run.mesh, run.rules)
-    exp, exp_metrics = self.experience_fn(state.policy.params, self.ref_params, value_params, rollout,
-                                          shard_batch(scores, run.mesh, run.rules), state.kl.value)
+    exp, exp_metrics = self.experience_fn(forwards, packed, shard_batch(scores, run.mesh, run.rules),
+                                          state.kl.value)
     state, upd_metrics = self.update_fn(state, exp, jax.random.fold_in(it_rng, 1))
     metrics = {**exp_metrics, **upd_metrics}
     if it % self.log_every == 0:  # time the update on logged iterations only: no sync in between
