@@ -123,3 +123,21 @@ def test_rl_iteration_long_packed_tiny(capsys):
   for it in r["iterations"]:
     assert it["width"] == 24 and 1 <= it["rows"] <= 4
   assert "packed rows" in capsys.readouterr().out
+
+
+def test_rl_iteration_ppo_sampler_logprobs_flops(capsys):
+  """PPO's old log-probs from the sampler (the default, as TRL's PPOTrainer): the analytic FLOPs
+  drop by exactly one policy forward over the rows and slots the experience saw."""
+  from rlhfjax.models.transformer import TransformerConfig
+  flags = ["rl_iteration", "--algo=ppo", "--d_model=16", "--n_layers=1", "--n_heads=2", "--prompts=4",
+           "--max_new=4", "--steps=1", "--matmul_n=64"]
+  (on,) = bench.main(flags)
+  (off,) = bench.main(flags + ["--sampler_logprobs=false"])
+  it = on["iterations"][0]
+  assert (it["rows"], it["slots"]) == (off["iterations"][0]["rows"], off["iterations"][0]["slots"]) == (4, 11)
+  w = work.workload("ppo")
+  cfg = TransformerConfig(vocab_size=len(work.VOCAB), d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                          head_dim=8, d_ff=w["d_ff"] * 16 // w["d_model"], max_len=work.PROMPT_LEN + 4,
+                          tie_embeddings=False, embed_scale=False)
+  flops = lambda r: r["flops_per_s"] * r["step_s"]  # noqa: E731
+  assert flops(off) - flops(on) == pytest.approx(4 * 11 * cfg.forward_flops_per_token(11), rel=1e-6)

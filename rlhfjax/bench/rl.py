@@ -377,7 +377,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     # after each token but the budget's last; when every row stopped early (EOS), after each
     steps = n if n < max_new else max_new - 1
     out = b // prefill_group(b, sc) * p * fwd(p) + b * steps * fwd(2 * p + n)
-    models = (not cfg.on_policy(b)) + cfg.uses_reference  # experience: policy (old log-probs), reference
+    # experience: the policy (old log-probs; not on-policy or from the sampler), the reference
+    models = (not cfg.on_policy(b) and not cfg.sampler_logprobs) + cfg.uses_reference
     trained = fwd(slots)
     if algo == "ppo":
       out += b * full * fwd(full, lm_head=False)  # reward model on the untrimmed rollout

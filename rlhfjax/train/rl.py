@@ -301,7 +301,7 @@ class Forwards:
   rollout's response mask is 0, or None where not computed."""
 
   logprobs: Any = None  # behaviour log-probs (None: on-policy, or `rl.sampler_logprobs`)
-  entropy: Any = None  # their entropy (None with `logprobs`)
+  entropy: Any = None  # their entropy (None without `logprobs`)
   ref_logprobs: Any = None  # reference log-probs (None: no KL term can matter)
   values: Any = None  # the critic's or the shared trunk's values (None without a critic)
 
