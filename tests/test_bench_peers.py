@@ -130,7 +130,7 @@ def test_rl_iteration_ppo_sampler_logprobs_flops(capsys):
   drop by exactly one policy forward over the rows and slots the experience saw."""
   from rlhfjax.models.transformer import TransformerConfig
   flags = ["rl_iteration", "--algo=ppo", "--d_model=16", "--n_layers=1", "--n_heads=2", "--prompts=4",
-           "--max_new=4", "--steps=1", "--matmul_n=64"]
+           "--max_new=4", "--steps=1", "--warmup=0", "--matmul_n=64"]
   (on,) = bench.main(flags)
   (off,) = bench.main(flags + ["--sampler_logprobs=false"])
   it = on["iterations"][0]

@@ -18,6 +18,9 @@ CASES = {
     "grpo_on_policy_shared_prompt": dict(algo="grpo", group_size=4, minibatch_size=16, share_prompt=True,
                                          kl_coef=0.1),
     "rloo_packed_tis": dict(algo="rloo", group_size=4, minibatch_size=16, pack=True, epochs=2, tis_cap=2.0),
+    "ppo_sampler_logprobs": dict(algo="ppo", group_size=1, minibatch_size=8, epochs=2, kl_coef=0.1,
+                                 sampler_logprobs=True),
+    "grpo_no_forwards": dict(algo="grpo", group_size=4, minibatch_size=16, kl_coef=0.0),  # on-policy, no KL
 }
 
 
@@ -48,11 +51,13 @@ def test_two_parts_equal_the_one_jit(case, tiny_cfg, random_rollout):
   assert np.abs(np.asarray(exp.advantages)).max() > 0.1 and set(got[1]) == set(want[1])
   if algo.uses_reference:
     assert np.asarray(exp.ref_logprobs).min() < -1.0
+  if case == "grpo_no_forwards":  # nothing to run before the scores
+    assert not jax.tree.leaves(forwards(*params, rollout))
 
 
 def test_rows_masked_after_the_forwards(tiny_cfg, random_rollout):
   """Rows masked after the forwards (unscored: `rl_loop.nan_reward=mask`) leave the experience as
-  if they had been masked before."""
+  if they had been masked before (padded rows; a packed rollout keeps their tokens in its packing)."""
   mesh = create_mesh((1, 1, 1), jax.devices()[:1])
   algo, models, params, rollout, scores = _setup(CASES["ppo"], tiny_cfg, random_rollout, mesh)
   valid = jnp.asarray(np.arange(16) % 3 != 0, jnp.float32)

@@ -126,8 +126,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--pack", type=lambda v: {"true": True, "false": False}[v.lower()], metavar="{true,false}",
                  help="rl_iteration: pack the rollout's sequences (rl.pack; default: true for long GRPO)")
   p.add_argument("--sampler_logprobs", type=lambda v: {"true": True, "false": False}[v.lower()],
-                 metavar="{true,false}", help="rl_iteration (PPO): the old log-probs from the sampler, "
-                 "no policy forward before the update (rl.sampler_logprobs; default: true, as TRL's PPOTrainer)")
+                 metavar="{true,false}", help="rl_iteration: the old log-probs from the sampler, no policy "
+                 "forward before the update (rl.sampler_logprobs; default: true for PPO, as TRL's PPOTrainer; "
+                 "GRPO is on-policy unless --recompute_logprobs)")
   p.add_argument("--share_prompt", type=lambda v: {"true": True, "false": False}[v.lower()],
                  metavar="{true,false}", help="rl_iteration (GRPO): each group's prompt once per forward "
                  "(rl.share_prompt; default: true for short GRPO)")

@@ -95,7 +95,8 @@ def response_widths(n: int) -> list[int]:
 def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, batch, score,
                    steps: int, *, warmup: int = 1, trim: bool = False):
   """(state, per-iteration dicts, warm-up seconds) of `warmup` untimed then `steps` timed RL
-  iterations: sample -> score -> experience -> update, each blocked until ready, as `RLStage.step`.
+  iterations: sample -> score -> experience -> update, each blocked until ready (`RLStage.step`
+  runs the experience forwards during the scoring; here each phase is timed alone).
 
   `batch(i) -> (prompt ids, prompt mask, examples)` (host arrays); `score(tokens, mask, examples,
   rollout) -> [B] scores` (host tokens / mask of the sample). With `trim`, the rollout's response
@@ -267,8 +268,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   rematerialized in the backward pass, keeping what `model.remat_policy` says (`common.remat_fields`;
   default "dots": ~5 % faster iterations than without remat on the 2-core CPU, every workload).
   `sampler_logprobs` (`rl.sampler_logprobs`; default: on for PPO, whose off-policy minibatches read
-  the old log-probs, as TRL's PPOTrainer takes them from the generation's logits): no policy
-  forward in the experience phase.
+  the old log-probs, as TRL's PPOTrainer takes them from the generation's logits; off for GRPO,
+  on-policy unless `recompute_logprobs`): no policy forward in the experience phase.
   Compile excluded: `warmup` untimed iterations first (with `long`, compiling every trimmed width
   or packed row count).
   """
@@ -309,7 +310,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   if algo == "grpo":
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
                      kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"],
-                     reuse_logprobs=not recompute_logprobs,
+                     reuse_logprobs=not recompute_logprobs, sampler_logprobs=bool(sampler_logprobs),
                      pack=bool(long and not share_prompt if pack is None else pack),
                      share_prompt=bool(not (long or pack) if share_prompt is None else share_prompt))
   else:

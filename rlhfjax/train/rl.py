@@ -1,6 +1,7 @@
 """The RL core shared by PPO and the critic-free family: experience on device, one jitted update.
 
-    sample -> score -> make_experience (jitted) -> rl_update (jitted, state donated)
+    sample -> experience_forwards (jitted; runs while the host scores) -> score
+           -> experience_from_forwards (jitted) -> rl_update (jitted, state donated)
 
 PPO (critic + GAE), GRPO, RLOO, REINFORCE++ and best-of-N are advantage estimators and loss
 options on one update: `make_experience` computes each algorithm's advantages, `rl_update` runs the
@@ -229,7 +230,7 @@ class Experience:
   old_values: jax.Array  # [B, N] critic at collection (0 without a critic)
   advantages: jax.Array  # [B, N]
   returns: jax.Array  # [B, N] critic targets (0 without a critic)
-  sampler_logprobs: jax.Array  # [B, N] the sampler's log-probs with `rl.tis_cap` or `rl.sampler_logprobs` (else 0)
+  sampler_logprobs: jax.Array  # [B, N] the sampler's log-probs with `rl.tis_cap`, or `rl.sampler_logprobs` off-policy (else 0)
   packing: Packing | None = None  # with `rl.pack` / `rl.share_prompt`: the rollout's packed rows (replicated; not batch-split)
 
 
@@ -297,8 +298,8 @@ def shared_prompt_band(algo: AlgoConfig, batch):
 
 @flax.struct.dataclass
 class Forwards:
-  """What `make_experience` computes before it reads the scores: [B, N] float32 arrays, 0 where the
-  rollout's response mask is 0, or None where not computed."""
+  """What `make_experience` computes before it reads the scores: [B, N] float32 arrays (0 where the
+  rollout's response mask is 0, but for `entropy`), or None where not computed."""
 
   logprobs: Any = None  # behaviour log-probs (None: on-policy, or `rl.sampler_logprobs`)
   entropy: Any = None  # their entropy (None without `logprobs`)
@@ -470,8 +471,10 @@ def policy_loss(params, mb: Experience, kl_coef, *, algo: AlgoConfig, models: RL
     units = jnp.maximum(_units(mask, algo.aggregation), 1e-30)
     metrics["kl_sum_per_unit"] = (rl.kl_estimate(old, ref, "k1") * mask).sum() / units
     metrics["entropy_sum_per_unit"] = jax.lax.stop_gradient(entropy * mask).sum() / units
-  elif algo.sampler_logprobs:  # no forward before the update measured it: the mean over its steps
-    metrics["entropy"] = rl.masked_mean(jax.lax.stop_gradient(entropy), mask)
+  elif algo.sampler_logprobs:  # no forward before the update measured it: per unit, as above
+    units = jnp.maximum(_units(mask, algo.aggregation), 1e-30)
+    metrics["entropy_sum_per_unit"] = jax.lax.stop_gradient(entropy * mask).sum() / units
+    metrics["tokens_per_unit"] = mask.sum() / units
   if algo.kl_placement == "loss":
     kl = rl.kl_estimate(logprobs, ref, "k3")
     kl_loss = rl.aggregate_loss(kl, mask, **agg)
@@ -575,6 +578,9 @@ def _rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models
 
   def minibatch_step(s: RLState, mb: Experience):
     pgrads, vgrads, metrics = grad_fn(s, mb, on_policy)
+    if "tokens_per_unit" in metrics:  # `rl.sampler_logprobs`: the minibatch's entropy per token
+      tokens = metrics.pop("tokens_per_unit")
+      metrics["entropy"] = metrics.pop("entropy_sum_per_unit") / jnp.where(tokens > 0, tokens, 1.0)
     metrics["policy_grad_norm"] = optax.tree.norm(pgrads)
     if algo.separate_critic:
       metrics["value_grad_norm"] = optax.tree.norm(vgrads)

@@ -6,7 +6,8 @@ One iteration (`RLStage.step`; `rlhfjax.train.stage` runs the loop around it):
             -> experience from the forwards and scores (jit) -> rl_update (jit)
 
 The experience's forwards (old log-probs, reference, values) need no scores, so they run on the
-devices while the host decodes and scores (`make_experience_fns`).
+devices while the host decodes and scores (`make_experience_fns`); `time_score_s` is the host's
+decoding and scoring (a device scorer, the `ppo` stage's reward model, queues behind the forwards).
 
 The only host round-trip is the decoded text for the `Scorer` (verifiers on text here,
 `config.rl_reward`; the reward model in the `ppo` subclass). In a multi-process run every process
@@ -234,6 +235,10 @@ def rl_configs(config) -> tuple[AlgoConfig, RLOptimConfig, RolloutConfig, RLLoop
     raise ValueError(f"rl.{'pack' if algo.pack else 'share_prompt'} needs one minibatch per step (rl.minibatch_size={algo.minibatch_size}, "
                      f"rollout batch {batch}) and rl_loop.update_variant='jit' "
                      f"(got {loop.update_variant!r})")
+  if algo.sampler_logprobs and sampling.dtype:
+    log.warning("rl.sampler_logprobs with rl_sampling.dtype=%r: the old log-probs are the %s "
+                "sampler's, not the policy's; the update's ratios carry the mismatch (rl.tis_cap "
+                "corrects it, with rl.sampler_logprobs=False)", sampling.dtype, sampling.dtype)
   return algo, optim, sampling, loop
 
 
@@ -351,7 +356,8 @@ class RLStage(Stage):
       scores, valid = mask_unscored(scores, g)
       score_metrics["scored_fraction"] = float(valid.mean())
       valid = shard_batch(valid.astype(mask_host.dtype), run.mesh, run.rules)
-      # the unscored rows leave the experience (on every process alike)
+      # the unscored rows leave the experience (on every process alike); the packing and the
+      # trimmed width were made before the scores, so their tokens still ride in the forwards
       packed = packed.replace(response_mask=packed.response_mask * valid[:, None])
     elif np.isnan(scores).any():  # a custom scorer broke the contract for "zero"
       scores = np.nan_to_num(scores, nan=0.0)
