@@ -257,7 +257,7 @@ def attention_band(prefix: int, window: int):
   (`banded_attention`); the segment ids still decide which keys a query sees.
 
   It is read while tracing and is not part of `jax.jit`'s cache key: enter it inside the jitted
-  function (as `train.rl.make_experience` and `rl_update` do), never around a call of a function
+  function (as `train.rl.experience_forwards` and `rl_update` do), never around a call of a function
   jitted elsewhere, which may reuse a trace made without it (or with another band)."""
   token = _BAND.set((prefix, window))
   try:
