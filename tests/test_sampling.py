@@ -10,6 +10,7 @@ import pytest
 
 from rlhfjax.models import PolicyModel, TransformerConfig, init_params
 from rlhfjax.models.sequence import response_logprobs
+from rlhfjax.models.transformer import stack_layers
 from rlhfjax.sampling import SamplingConfig, filter_logits, generate
 from rlhfjax.models.sequence import bucket_width, width_buckets
 from rlhfjax.sampling.sampler import cache_widths
@@ -187,8 +188,8 @@ def test_overlong_prompt_errors():
 
 def test_decode_params_match_stacked():
   """The sampler's per-layer parameter layout (`PolicyModel.decode_params`) gives the cached forward
-  the same logits and cache as the scan's stacked parameters, jitted and not; the no-cache forward
-  refuses it with one line."""
+  the same logits and cache as the scan's stacked parameters, jitted and not, and so does the
+  no-cache forward (the layers one by one); `stack_layers` undoes it exactly."""
   model = PolicyModel(CFG)
   params = init_params(model, jax.random.key(6))
   per_layer = model.decode_params(params)
@@ -200,7 +201,9 @@ def test_decode_params_match_stacked():
   def run(p):
     return model.apply({"params": p}, ids, pos, key_mask, model.init_cache(3, 9), 0)
 
-  for f in (run, jax.jit(run)):
+  def no_cache(p):
+    return model.apply({"params": p}, ids, pos, mask)
+
+  for f in (run, jax.jit(run), no_cache, jax.jit(no_cache)):
     chex.assert_trees_all_close(f(per_layer), f(params), atol=1e-6)
-  with pytest.raises(ValueError, match="stacked layer parameters"):
-    model.apply({"params": per_layer}, ids, pos, mask)
+  chex.assert_trees_all_equal(stack_layers(per_layer["trunk"]), params["trunk"])

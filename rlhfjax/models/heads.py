@@ -22,6 +22,7 @@ class _LM(nn.Module):
   `rlhfjax.models.sequence` can run the head on a few positions at a time."""
 
   cfg: TransformerConfig
+  takes_out_from = True  # `hidden` and the no-cache `__call__` take `out_from` (`models.sequence`)
 
   def setup(self):
     cfg = self.cfg
@@ -31,8 +32,8 @@ class _LM(nn.Module):
           nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (ax.EMBED, ax.VOCAB)),
                                 (cfg.d_model, cfg.vocab_size), cfg.params_dtype)
 
-  def hidden(self, tokens, positions, mask):
-    return self.trunk(tokens, positions, mask)[0]
+  def hidden(self, tokens, positions, mask, out_from: int = 0):
+    return self.trunk(tokens, positions, mask, out_from=out_from)[0]
 
   def head(self, h):
     if self.cfg.tie_embeddings:
@@ -43,8 +44,8 @@ class _LM(nn.Module):
 class PolicyModel(_LM):
   """Language-model head: logits [B, T, vocab] (float32), and the KV cache when given one."""
 
-  def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
-    h, new_cache = self.trunk(tokens, positions, mask, cache, cache_index)
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=0, out_from: int = 0):
+    h, new_cache = self.trunk(tokens, positions, mask, cache, cache_index, out_from)
     return self.head(h), new_cache
 
   def init_cache(self, batch: int, length: int):
@@ -79,10 +80,11 @@ class ValueModel(nn.Module):
   """Critic: a scalar value per token [B, T]; the output layer starts at zero."""
 
   cfg: TransformerConfig
+  takes_out_from = True
 
   @nn.compact
-  def __call__(self, tokens, positions, mask):
-    h, _ = Trunk(self.cfg, name="trunk")(tokens, positions, mask)
+  def __call__(self, tokens, positions, mask, out_from: int = 0):
+    h, _ = Trunk(self.cfg, name="trunk")(tokens, positions, mask, out_from=out_from)
     return _scalar_head(self, h, nn.initializers.zeros)
 
 
@@ -108,8 +110,8 @@ class PolicyValueModel(_LM):
     super().setup()
     self.value_head = _ValueHead(self.cfg)
 
-  def __call__(self, tokens, positions, mask):
-    h = self.hidden(tokens, positions, mask)
+  def __call__(self, tokens, positions, mask, out_from: int = 0):
+    h = self.hidden(tokens, positions, mask, out_from)
     return self.head(h), self.values(h)
 
   def values(self, h):

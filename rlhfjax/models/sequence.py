@@ -16,6 +16,11 @@ The sampler and the RL core never build a model; they take linen modules with th
   parameters must also be readable by the policy module (as `PolicyValueModel`'s are by
   `PolicyModel`'s: the extra `value_head` subtree is ignored).
 
+A module whose class sets `takes_out_from = True` (the built-in ones) also takes `out_from=k` in
+its no-cache `apply` (and `hidden`) and then returns the outputs of columns >= k only; the
+functions below pass `P - 1`, the first column predicting a response token, so the last layer
+runs only there (`Trunk`'s `out_from`). Others run every column and are cut after.
+
 Each function below accepts a `TransformerConfig` in place of the policy module (the built-in
 `PolicyModel`).
 """
@@ -206,12 +211,22 @@ def logits_of(output):
   return output[0] if isinstance(output, tuple) else output
 
 
+def _predicting_apply(model, params, prompt_ids, prompt_mask, response_ids, response_mask, **kw):
+  """`model.apply` (`kw`: e.g. `method`) on `predicting_inputs`, cut to the columns predicting
+  each response token: outputs [B, N, ...] (of a tuple output, each element). A module that
+  `takes_out_from` computes only those columns."""
+  tokens, mask, positions = predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+  p, n = prompt_ids.shape[1], response_ids.shape[1]
+  if getattr(type(model), "takes_out_from", False) and p:
+    return model.apply({"params": params}, tokens, positions, mask, out_from=p - 1, **kw)
+  out = model.apply({"params": params}, tokens, positions, mask, **kw)
+  return jax.tree.map(lambda x: x[:, p - 1:p - 1 + n], out)
+
+
 def _apply_predicting(model, params, prompt_ids, prompt_mask, response_ids, response_mask):
   """The model's outputs at the columns predicting each response token ([B, N, ...]; the model's
   output, or a (logits, cache) pair's logits)."""
-  tokens, mask, positions = predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-  p, n = prompt_ids.shape[1], response_ids.shape[1]
-  return logits_of(model.apply({"params": params}, tokens, positions, mask))[:, p - 1:p - 1 + n]
+  return logits_of(_predicting_apply(model, params, prompt_ids, prompt_mask, response_ids, response_mask))
 
 
 def response_logits(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
@@ -257,14 +272,13 @@ def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, r
     lp, ent = _chunked_head(params, model, h, targets, stats, temperature, chunk)
     vals = model.apply({"params": params}, h, method="values") if values else None
     return tuple(None if x is None else _unpack(packing, x) for x in (lp, ent, vals))
-  tokens, mask, positions = predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-  p, n = prompt_ids.shape[1], response_ids.shape[1]
-  cut = lambda x: x[:, p - 1:p - 1 + n]  # noqa: E731  columns predicting response tokens
+  predicting = lambda **kw: _predicting_apply(model, params, prompt_ids, prompt_mask,  # noqa: E731
+                                              response_ids, response_mask, **kw)
   if not hasattr(model, "head"):
-    out = model.apply({"params": params}, tokens, positions, mask)
-    lp, ent = stats(cut(logits_of(out)).astype(jnp.float32) / temperature, response_ids)
-    return lp, ent, cut(out[1]).astype(jnp.float32) if values else None
-  h = cut(model.apply({"params": params}, tokens, positions, mask, method="hidden"))
+    out = predicting()
+    lp, ent = stats(logits_of(out).astype(jnp.float32) / temperature, response_ids)
+    return lp, ent, out[1].astype(jnp.float32) if values else None
+  h = predicting(method="hidden")
   vals = model.apply({"params": params}, h, method="values") if values else None
   lp, ent = _chunked_head(params, model, h, response_ids, stats, temperature, chunk)
   return lp, ent, vals

@@ -318,6 +318,7 @@ def _visible(q_slot, k_slot, seg_q, seg_k, pos_q, pos_k, window: int, is_local):
 
 class Attention(nn.Module):
   cfg: TransformerConfig
+  q_from: int = 0  # no cache: queries (and outputs) only at slots >= q_from; keys at every slot
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index, is_local=None):
@@ -331,7 +332,8 @@ class Attention(nn.Module):
     wv = self.param("wv", _dense_init((ax.EMBED, ax.HEADS, ax.KV)), (cfg.d_model, k, h), pdt)
     wo = self.param("wo", _dense_init((ax.HEADS, ax.KV, ax.EMBED)), (n, h, cfg.d_model), pdt)
 
-    q = linear("BTD,DNH->BTNH", x, wq.astype(dt))  # [batch, time, heads, head_dim]
+    q0 = self.q_from
+    q = linear("BTD,DNH->BTNH", x[:, q0:], wq.astype(dt))  # [batch, time, heads, head_dim]
     kk = linear("BTD,DKH->BTKH", x, wk.astype(dt))  # [batch, time, kv_heads, head_dim]
     vv = linear("BTD,DKH->BTKH", x, wv.astype(dt))
     if cfg.qkv_bias:
@@ -345,12 +347,12 @@ class Attention(nn.Module):
                                        name=name)
       q, kk = head_norm("q_norm")(q), head_norm("k_norm")(kk)
     if cfg.rope_scaling == "none" and not cfg.has_local_layers:
-      q, kk = rope(q, positions, cfg.rope_base), rope(kk, positions, cfg.rope_base)
+      q, kk = rope(q, positions[:, q0:], cfg.rope_base), rope(kk, positions, cfg.rope_base)
     else:
       freq = rope_frequencies(cfg)
       if is_local is not None:
         freq = jnp.where(is_local, rope_frequencies(cfg, local=True), freq)
-      q, kk = rope(q, positions, cfg.rope_base, freq), rope(kk, positions, cfg.rope_base, freq)
+      q, kk = rope(q, positions[:, q0:], cfg.rope_base, freq), rope(kk, positions, cfg.rope_base, freq)
 
     t = x.shape[1]
     if cache is None:
@@ -364,15 +366,15 @@ class Attention(nn.Module):
       q_slot = cache_index + jnp.arange(t)
     scale = h ** -0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     band = _BAND.get() if cache is None else None
-    if band is not None and t > sum(band) + BAND_CHUNK:  # a shared-prompt row (`attention_band`)
+    if band is not None and t > sum(band) + BAND_CHUNK and not q0:  # a shared-prompt row (`attention_band`)
       out = banded_attention(q.reshape(q.shape[0], t, k, n // k, h), keys.astype(dt), values.astype(dt),
                              functools.partial(self._allowed, mask, positions, is_local), *band, scale)
       return self._out(out.reshape(x.shape[0], t, n, h), wo), new_cache
     s = keys.shape[kv.index("S")]
     if cache is None:  # [B, T, S]
       slots = np.arange(t)
-      allowed = _visible(slots[None, :, None], slots[None, None, :], mask[:, :, None], mask[:, None, :],
-                         positions[:, :, None], positions[:, None, :], cfg.sliding_window, is_local)
+      allowed = _visible(slots[None, q0:, None], slots[None, None, :], mask[:, q0:, None], mask[:, None, :],
+                         positions[:, q0:, None], positions[:, None, :], cfg.sliding_window, is_local)
     else:  # keys: the cache's filled slots; the sliding window over slots (= positions: a row's
       # real tokens are contiguous)
       allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (mask[:, None, :] > 0)
@@ -384,11 +386,11 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None],
                                          scale=scale)
       return self._out(out, wo), new_cache
-    q = q.reshape(q.shape[0], t, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]
+    q = q.reshape(q.shape[0], t - q0, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]
     logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * scale
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t, n, h)
+    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, values.astype(dt)).reshape(x.shape[0], t - q0, n, h)
     return self._out(out, wo), new_cache
 
   def _allowed(self, segments, positions, is_local, q_slots, k_slots):
@@ -463,6 +465,7 @@ class Block(nn.Module):
   per-layer inputs: its index (and, with local layers, its `is_local` flag); no per-layer output."""
 
   cfg: TransformerConfig
+  q_from: int = 0  # no cache: outputs only at slots >= q_from (`Attention.q_from`)
 
   @nn.compact
   def __call__(self, carry, layer, positions, mask, cache_index, is_local=None):
@@ -470,11 +473,11 @@ class Block(nn.Module):
     x, cache = carry
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype,
                                 plus_one=cfg.norm_plus_one, name=name)
-    attn_out, new_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, mask,
-                                                      cache, cache_index, is_local)
+    attn_out, new_cache = Attention(cfg, self.q_from, name="attn")(norm("attn_norm")(x), positions, mask,
+                                                                  cache, cache_index, is_local)
     if cfg.post_norms:
       attn_out = norm("post_attn_norm")(attn_out)
-    x = x + attn_out
+    x = x[:, self.q_from:] + attn_out
     mlp_out = MLP(cfg, name="mlp")(norm("mlp_norm")(x))
     if cfg.post_norms:
       mlp_out = norm("post_mlp_norm")(mlp_out)
@@ -483,7 +486,16 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-  """Embedding + scanned layers + final norm. Returns hidden states [B, T, D] and the new cache."""
+  """Embedding + scanned layers + final norm. Returns hidden states [B, T, D] and the new cache.
+
+  `out_from` (no cache): hidden states only of the slots >= `out_from`, [B, T - out_from, D], for
+  a forward whose earlier outputs nothing reads (the RL losses read the columns that predict
+  response tokens). With `unstack_layers`' parameters (the RL update passes them so) the layers
+  run one by one and the last computes its queries, attention, output projection and MLP only
+  there (its keys and values at every slot): the policy gradient at 16 x 23 tokens is then ~15 %
+  faster on XLA:CPU than the scan's over all slots. With the scan's stacked parameters the scan
+  runs every slot (one by one over sliced parameters was no faster) and the rest is cut.
+  """
 
   cfg: TransformerConfig
 
@@ -507,7 +519,7 @@ class Trunk(nn.Module):
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, plus_one=cfg.norm_plus_one,
                               name="final_norm")
 
-  def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0):
+  def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0, out_from: int = 0):
     cfg = self.cfg
     if cfg.embed_scale:
       # Gemma-style: small embedding init (tied logits start near N(0, 1)), inputs scaled by sqrt(d).
@@ -519,13 +531,22 @@ class Trunk(nn.Module):
     per_layer = ()
     if cfg.has_local_layers:
       per_layer = (jnp.asarray([t == "local" for t in cfg.layer_types]),)  # [layers] bool
+    if cache is not None and out_from:
+      raise ValueError("out_from is for the no-cache forward; a cached forward computes every new slot")
+    if cache is None and UNSTACKED in self.layers.variables.get("params", {}):
+      # the layers one by one, each over its own parameters, the last only at the slots >= out_from
+      layers = nn.unbox(self.layers.variables["params"])
+      block = (nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
+               if cfg.remat else Block)
+      for i in range(cfg.n_layers):
+        (x, _), _ = block(cfg, out_from if i == cfg.n_layers - 1 else 0, parent=None).apply(
+            {"params": layer_params(layers, i)}, (x, None), i, positions, mask, cache_index,
+            *(f[i] for f in per_layer))
+      return self.final_norm(x), None
     if cache is None:
-      if UNSTACKED in self.layers.variables.get("params", {}):
-        raise ValueError("the no-cache forward needs the stacked layer parameters, not "
-                         "`unstack_layers`' (those are for the sampler's cached forward)")
       (x, _), _ = self.layers((x, None), jnp.arange(cfg.n_layers), positions, mask, cache_index,
                               *per_layer)
-      return self.final_norm(x), None
+      return self.final_norm(x[:, out_from:]), None
     # With a cache: the layers unrolled over the scan's stacked parameters, each with its own arrays
     stacked = nn.unbox(self.layers.variables["params"])
     new_cache = {"k": [], "v": []}
@@ -548,13 +569,34 @@ UNSTACKED = "unstacked"
 def unstack_layers(trunk_params: dict) -> dict:
   """`trunk_params` with the scan's stacked layer parameters split into one tree per layer (under
   `layers/unstacked`), for the cached (decode) forward: it then reads each layer's weights where
-  they lie instead of slicing the stacked arrays on every step. The no-cache forward needs the
-  stacked form."""
+  they lie instead of slicing the stacked arrays on every step. The no-cache forward takes either
+  form (unstacked: the layers one by one, as with `Trunk`'s `out_from`)."""
   stacked = trunk_params["layers"]
   if UNSTACKED in stacked:
     return trunk_params
   n = jax.tree.leaves(stacked)[0].shape[0]
   return {**trunk_params, "layers": {UNSTACKED: tuple(layer_params(stacked, i) for i in range(n))}}
+
+
+def stack_layers(trunk_params: dict) -> dict:
+  """The inverse of `unstack_layers`: per-layer trees stacked back on the scan's leading axis."""
+  layers = trunk_params["layers"]
+  if UNSTACKED not in layers:
+    return trunk_params
+  return {**trunk_params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers[UNSTACKED])}
+
+
+def _is_trunk_tree(x) -> bool:
+  return (isinstance(x, dict) and isinstance(x.get("trunk"), dict)
+          and {"embedding", "layers", "final_norm"} <= set(x["trunk"]))
+
+
+def map_trunks(fn, tree):
+  """`tree` (parameters, gradients, an optimizer state, a TrainState: any pytree) with `fn` applied
+  to each built-in trunk's parameters in it (every dict whose "trunk" is a `Trunk`'s), e.g.
+  `unstack_layers` on a TrainState's parameters and Adam moments alike."""
+  return jax.tree.map(lambda x: {**x, "trunk": fn(x["trunk"])} if _is_trunk_tree(x) else x, tree,
+                      is_leaf=_is_trunk_tree)
 
 
 def layer_params(layers: dict, i: int) -> dict:

@@ -36,7 +36,7 @@ from rlhfjax.parallel import batch_sharding, replicated
 from rlhfjax.sampling import Rollout
 from rlhfjax.sampling.sampler import layout
 from rlhfjax.models.heads import transplant_trunk
-from rlhfjax.models.transformer import attention_band
+from rlhfjax.models.transformer import attention_band, map_trunks, stack_layers, unstack_layers
 from rlhfjax.train.state import (OptimConfig, TrainState, create_train_state, make_optimizer,
                                  state_shardings)
 
@@ -597,6 +597,13 @@ def _rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models
     metrics["update_skipped"] = 1.0 - ok.astype(jnp.float32)
     return jax.lax.cond(ok, step, lambda s: s, s), metrics
 
+  # unpacked rows: the losses run the last layer only on the columns predicting response tokens
+  # (`Trunk`'s `out_from`), and that pays with one tree per layer (`unstack_layers`), so the
+  # parameters and optimizer moments are laid out so for the whole update and stacked back after
+  per_layer = exp.packing is None
+  if per_layer:
+    state = map_trunks(unstack_layers, state)
+
   def epoch(s: RLState, key):
     if n_mb == 1:  # one minibatch: the loss does not depend on the row order (and packing needs it)
       packing = jax.tree.map(lambda x: x[None], exp.packing)  # replicated, not batch-split
@@ -610,6 +617,8 @@ def _rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models
     return jax.lax.scan(minibatch_step, s, shuffled)
 
   state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, algo.epochs))
+  if per_layer:
+    state = map_trunks(stack_layers, state)
   metrics = jax.tree.map(jnp.mean, metrics)
   if on_policy:  # one minibatch: its per-unit sums times its units are the rollout's sums
     units = _units(exp.response_mask, algo.aggregation)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhfjax.models.init import _dummy_inputs
+from rlhfjax.models.transformer import UNSTACKED
 from rlhfjax.parallel import logical_to_sharding
 
 
@@ -49,11 +50,27 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                 max(decay, cfg.warmup_steps + 1),
                                                 end_value=cfg.learning_rate * cfg.min_lr_ratio)
-  decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   chain.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay,
                            mask=decay_mask))
   return optax.chain(*chain)
+
+
+BIASES = ("bq", "bk", "bv", "bo")  # the built-in attention's biases ([heads, head_dim] for q/k/v)
+
+
+def decay_mask(params):
+  """Which parameters weight decay applies to: matrices (2-d and up), not norms, biases or gains,
+  counting the dims of one layer's parameter (the built-in trunk's `layers` are stacked on a
+  leading axis, or split per layer by `models.transformer.unstack_layers`: the same mask); a leaf
+  named as a bias (`BIASES`, or containing "bias") never."""
+  def matrix(path, p):
+    keys = [getattr(k, "key", None) for k in path]
+    if keys and isinstance(keys[-1], str) and (keys[-1] in BIASES or "bias" in keys[-1]):
+      return False
+    stacked = any(keys[i:i + 2] == ["trunk", "layers"] for i in range(len(keys))) and UNSTACKED not in keys
+    return jnp.ndim(p) - stacked >= 2
+  return jax.tree_util.tree_map_with_path(matrix, params)
 
 
 def _state_fn(module: nn.Module, tx: optax.GradientTransformation, length: int, boxed: bool):
