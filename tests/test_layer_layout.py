@@ -137,20 +137,21 @@ def test_map_trunks_round_trips_a_train_state():
   chex.assert_trees_all_equal(map_trunks(stack_layers, per_layer), ts)
 
 
-def test_decay_mask_decays_matrices_in_either_layout():
-  """Weight decay applies to matrices (embedding, head, projections), not to norm scales or biases,
-  whether the layers are stacked on a leading axis or split per layer."""
-  cfg = dataclasses.replace(BASE, qkv_bias=True)
+def test_decay_mask_is_the_same_in_either_layout():
+  """The AdamW decay mask of the per-layer layout is the stacked layout's, leaf for leaf: every
+  layer parameter decays (stacked, a norm scale is [layers, d]: the mask as it always was), the
+  embedding too, the final norm's scale not."""
+  cfg = dataclasses.replace(BASE, qkv_bias=True, tie_embeddings=False)
   params = init_params(PolicyModel(cfg), jax.random.key(0))
   mask = decay_mask(params)
-  assert mask["trunk"]["embedding"]
+  assert mask["trunk"]["embedding"] and mask["lm_head"] and not mask["trunk"]["final_norm"]["scale"]
   layers = mask["trunk"]["layers"]
-  assert layers["attn"]["wq"] and layers["mlp"]["w_down"]
-  assert not layers["attn_norm"]["scale"] and not layers["attn"]["bq"]
-  assert not mask["trunk"]["final_norm"]["scale"]
+  assert all(jax.tree.leaves(layers))
+  assert jax.tree.leaves(layers) == [jnp.ndim(p) >= 2 for p in jax.tree.leaves(params["trunk"]["layers"])]
   split = decay_mask(map_trunks(unstack_layers, params))
   for layer in split["trunk"]["layers"]["unstacked"]:
     chex.assert_trees_all_equal(layer, layers)
+  assert {k: v for k, v in split.items() if k != "trunk"} == {k: v for k, v in mask.items() if k != "trunk"}
 
 
 @pytest.mark.parametrize("case", ["ppo", "ppo_shared_trunk", "grpo"])

@@ -41,7 +41,7 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  weight_decay: float = 0.01  # decoupled, on matrices only (not norms, biases, gains)
+  weight_decay: float = 0.01  # decoupled; on what `decay_mask` says (matrices, and every built-in layer parameter)
   grad_clip: float = 1.0  # global-norm clip; 0 = off
 
 
@@ -56,20 +56,16 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   return optax.chain(*chain)
 
 
-BIASES = ("bq", "bk", "bv", "bo")  # the built-in attention's biases ([heads, head_dim] for q/k/v)
-
-
 def decay_mask(params):
-  """Which parameters weight decay applies to: matrices (2-d and up), not norms, biases or gains,
-  counting the dims of one layer's parameter (the built-in trunk's `layers` are stacked on a
-  leading axis, or split per layer by `models.transformer.unstack_layers`: the same mask); a leaf
-  named as a bias (`BIASES`, or containing "bias") never."""
+  """Which parameters weight decay applies to, the same whether the built-in trunk's `layers` are
+  stacked on a leading axis (the scan's layout, in which this mask was always computed) or split
+  per layer (`models.transformer.unstack_layers`, the RL update's layout): every layer parameter
+  (stacked, even a norm scale is 2-d, and trained figures depend on that) and every other
+  parameter of 2 dims and up (embeddings, heads; not the final norm or scalar gains)."""
   def matrix(path, p):
     keys = [getattr(k, "key", None) for k in path]
-    if keys and isinstance(keys[-1], str) and (keys[-1] in BIASES or "bias" in keys[-1]):
-      return False
-    stacked = any(keys[i:i + 2] == ["trunk", "layers"] for i in range(len(keys))) and UNSTACKED not in keys
-    return jnp.ndim(p) - stacked >= 2
+    per_layer = any(keys[i:i + 3] == ["trunk", "layers", UNSTACKED] for i in range(len(keys)))
+    return jnp.ndim(p) + per_layer >= 2
   return jax.tree_util.tree_map_with_path(matrix, params)
 
 
