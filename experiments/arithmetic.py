@@ -58,6 +58,7 @@ def rl_config(c):
   c.rl.reuse_logprobs = True  # 1 epoch over 1 minibatch: old log-probs from the update's own forward
   c.rl.pack = False  # pack sequences into few rows (one minibatch per step): forwards over real tokens only
   c.rl.tis_cap = 0.0  # truncated importance sampling of sampler/trainer mismatch (2 in verl/TRL; 0 = off)
+  c.rl.per_layer_update = False  # the update per layer, the last layer on predicting columns only (small models)
   c.rl.sampler_logprobs = False  # off-policy steps: old log-probs from the sampler, no policy forward before the update
   c.rl.share_prompt = False  # one row per group, its prompt once (GRPO family; one minibatch per step)
   c.rl_optim = ml_collections.ConfigDict()

@@ -157,21 +157,23 @@ def test_decay_mask_is_the_same_in_either_layout():
 @pytest.mark.parametrize("case", ["ppo", "ppo_shared_trunk", "grpo"])
 def test_update_in_the_per_layer_layout_equals_the_stacked_update(case, rl_loop, tiny_cfg, monkeypatch):
   """Two iterations of the jitted update (2 epochs x 2 minibatches for PPO, weight decay on) with
-  the per-layer layout and `out_from` give the parameters, optimizer state and metrics of the
-  stacked path over every slot (`map_trunks` patched to leave the layout alone)."""
+  `rl.per_layer_update` (the per-layer layout and `out_from`) give the parameters, optimizer state
+  and metrics of the stacked path over every slot."""
   algo = {"ppo": AlgoConfig(algo="ppo", group_size=1, minibatch_size=8, epochs=2),
           "ppo_shared_trunk": AlgoConfig(algo="ppo", group_size=1, minibatch_size=8, epochs=2,
                                          shared_trunk=True),
           "grpo": AlgoConfig(algo="grpo", group_size=4, minibatch_size=16)}[case]
   optim = RLOptimConfig(learning_rate=1e-3, value_learning_rate=1e-3, warmup_steps=0, weight_decay=0.1)
   mesh = create_mesh((1, 1, 1), jax.devices()[:1])
-  new, m_new = rl_loop(algo, mesh, optim=optim)
-  calls = []
-  real = rl_core.map_trunks
-  monkeypatch.setattr(rl_core, "map_trunks", lambda fn, tree: calls.append(fn) or tree)
   old, m_old = rl_loop(algo, mesh, optim=optim)
-  assert calls  # the patched path ran
+  split = []  # did the update really go per layer: the trees map_trunks made
+  real = rl_core.map_trunks
+  monkeypatch.setattr(rl_core, "map_trunks", lambda fn, tree: split.append(real(fn, tree)) or split[-1])
+  new, m_new = rl_loop(dataclasses.replace(algo, per_layer_update=True), mesh, optim=optim)
   monkeypatch.setattr(rl_core, "map_trunks", real)
+  layers = split[0].policy.params["trunk"]["layers"]
+  assert len(layers["unstacked"]) == tiny_cfg.n_layers
+  assert len(split[0].policy.opt_state[-1][0].mu["trunk"]["layers"]["unstacked"]) == tiny_cfg.n_layers
   chex.assert_trees_all_equal_structs(new, old)
   for a, b in ((new.policy, old.policy), (new.value, old.value)):  # params, AdamW moments, steps
     if a is not None:
@@ -184,3 +186,31 @@ def test_update_in_the_per_layer_layout_equals_the_stacked_update(case, rl_loop,
                        {k: v for k, v in new.policy.params.items() if k != "value_head"})
   assert max(jax.tree.leaves(moved)) > 1e-4
 
+
+def test_response_stats_of_a_module_without_out_from():
+  """A policy module that does not take `out_from` (its own `(logits, aux)` output, an aux that is
+  not per column) gets the full forward, its logits cut to the predicting columns; N = 0 gives none."""
+  import flax.linen as nn
+
+  class Wrapped(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask):
+      return PolicyModel(self.cfg, name="inner")(tokens, positions, mask)[0], jnp.zeros(())
+
+  cfg = BASE
+  model = Wrapped(cfg)
+  params = init_params(model, jax.random.key(0))
+  inner = params["inner"]
+  pmask = jnp.ones((2, 4), jnp.int32)
+  pids = jnp.asarray([[3, 4, 5, 6], [7, 8, 9, 10]], jnp.int32)
+  rids, rmask = jnp.asarray([[11, 12, 13], [14, 15, 16]], jnp.int32), jnp.ones((2, 3))
+  lp, _, _ = response_token_stats(params, model, pids, pmask, rids, rmask)
+  ref, _, _ = response_token_stats(inner, PolicyModel(cfg), pids, pmask, rids, rmask)
+  np.testing.assert_allclose(lp, ref, atol=1e-5)
+  lp0, _, _ = response_token_stats(params, model, pids, pmask, rids[:, :0], rmask[:, :0])
+  assert lp0.shape == (2, 0)
+  critic = ValueModel(cfg)  # takes out_from: P - 1 leaves one column, cut to none
+  assert response_values(init_params(critic, jax.random.key(1)), critic, pids, pmask, rids[:, :0],
+                         rmask[:, :0]).shape == (2, 0)

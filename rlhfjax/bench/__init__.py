@@ -129,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
                  metavar="{true,false}", help="rl_iteration: the old log-probs from the sampler, no policy "
                  "forward before the update (rl.sampler_logprobs; default: true for PPO, as TRL's PPOTrainer; "
                  "GRPO is on-policy unless --recompute_logprobs)")
+  p.add_argument("--per_layer_update", type=lambda v: {"true": True, "false": False}[v.lower()],
+                 metavar="{true,false}", help="rl_iteration: the update per layer, its last layer on the "
+                 "predicting columns only (rl.per_layer_update; default: true)")
   p.add_argument("--share_prompt", type=lambda v: {"true": True, "false": False}[v.lower()],
                  metavar="{true,false}", help="rl_iteration (GRPO): each group's prompt once per forward "
                  "(rl.share_prompt; default: true for short GRPO)")

@@ -250,7 +250,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
                        pack: bool | None = None, share_prompt: bool | None = None,
                        remat: bool | str | None = None, sampler_logprobs: bool | None = None,
-                       **_) -> dict:
+                       per_layer_update: bool = True, **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -270,6 +270,9 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   `sampler_logprobs` (`rl.sampler_logprobs`; default: on for PPO, whose off-policy minibatches read
   the old log-probs, as TRL's PPOTrainer takes them from the generation's logits; off for GRPO,
   on-policy unless `recompute_logprobs`): no policy forward in the experience phase.
+  `per_layer_update` (`rl.per_layer_update`; default on: ~10 % off PPO's update here; packed and
+  shared-prompt rows, the GRPO defaults, ignore it): the update per layer, its last layer on the
+  predicting columns only.
   Compile excluded: `warmup` untimed iterations first (with `long`, compiling every trimmed width
   or packed row count).
   """
@@ -311,6 +314,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
     cfg = AlgoConfig(algo="grpo", group_size=group, epochs=w["epochs"], minibatch_size=b,
                      kl_coef=w["beta"], kl_mode="loss", clip_eps=w["clip_eps"],
                      reuse_logprobs=not recompute_logprobs, sampler_logprobs=bool(sampler_logprobs),
+                     per_layer_update=per_layer_update,
                      pack=bool(long and not share_prompt if pack is None else pack),
                      share_prompt=bool(not (long or pack) if share_prompt is None else share_prompt))
   else:
@@ -319,7 +323,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                      kl_coef=w["kl_coef"], kl_mode="reward", kl_estimator=w["kl_estimator"],
                      lam=w["lam"], gamma=w["gamma"], missing_eos_penalty=w["missing_eos_penalty"],
                      clip_eps=w["clip_eps"], value_clip=w["value_clip"],
-                     sampler_logprobs=True if sampler_logprobs is None else sampler_logprobs)
+                     sampler_logprobs=True if sampler_logprobs is None else sampler_logprobs,
+                     per_layer_update=per_layer_update)
   optim = RLOptimConfig(learning_rate=w["learning_rate"], value_learning_rate=w["learning_rate"],
                         warmup_steps=1, grad_clip=w["grad_clip"])
   mesh, rules = make_mesh(devices), axes.DEFAULT_RULES

@@ -22,7 +22,9 @@ class _LM(nn.Module):
   `rlhfjax.models.sequence` can run the head on a few positions at a time."""
 
   cfg: TransformerConfig
-  takes_out_from = True  # `hidden` and the no-cache `__call__` take `out_from` (`models.sequence`)
+  # `hidden` and the no-cache `__call__` take `out_from` (`models.sequence`); a subclass whose
+  # `__call__` does not must set it False
+  takes_out_from = True
 
   def setup(self):
     cfg = self.cfg

@@ -212,21 +212,22 @@ def logits_of(output):
 
 
 def _predicting_apply(model, params, prompt_ids, prompt_mask, response_ids, response_mask, **kw):
-  """`model.apply` (`kw`: e.g. `method`) on `predicting_inputs`, cut to the columns predicting
-  each response token: outputs [B, N, ...] (of a tuple output, each element). A module that
-  `takes_out_from` computes only those columns."""
+  """(output, cut): `model.apply` (`kw`: e.g. `method`) on `predicting_inputs`, and the function
+  that cuts an output array to the columns predicting each response token ([B, N, ...]). A module
+  that `takes_out_from` computes only those columns (and `cut` keeps N of them)."""
   tokens, mask, positions = predicting_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
   p, n = prompt_ids.shape[1], response_ids.shape[1]
   if getattr(type(model), "takes_out_from", False) and p:
-    return model.apply({"params": params}, tokens, positions, mask, out_from=p - 1, **kw)
-  out = model.apply({"params": params}, tokens, positions, mask, **kw)
-  return jax.tree.map(lambda x: x[:, p - 1:p - 1 + n], out)
+    out = model.apply({"params": params}, tokens, positions, mask, out_from=p - 1, **kw)
+    return out, lambda x: x[:, :n]
+  return model.apply({"params": params}, tokens, positions, mask, **kw), lambda x: x[:, p - 1:p - 1 + n]
 
 
 def _apply_predicting(model, params, prompt_ids, prompt_mask, response_ids, response_mask):
   """The model's outputs at the columns predicting each response token ([B, N, ...]; the model's
   output, or a (logits, cache) pair's logits)."""
-  return logits_of(_predicting_apply(model, params, prompt_ids, prompt_mask, response_ids, response_mask))
+  out, cut = _predicting_apply(model, params, prompt_ids, prompt_mask, response_ids, response_mask)
+  return cut(logits_of(out))
 
 
 def response_logits(params, model, prompt_ids, prompt_mask, response_ids, response_mask,
@@ -275,10 +276,11 @@ def response_token_stats(params, model, prompt_ids, prompt_mask, response_ids, r
   predicting = lambda **kw: _predicting_apply(model, params, prompt_ids, prompt_mask,  # noqa: E731
                                               response_ids, response_mask, **kw)
   if not hasattr(model, "head"):
-    out = predicting()
-    lp, ent = stats(logits_of(out).astype(jnp.float32) / temperature, response_ids)
-    return lp, ent, out[1].astype(jnp.float32) if values else None
-  h = predicting(method="hidden")
+    out, cut = predicting()
+    lp, ent = stats(cut(logits_of(out)).astype(jnp.float32) / temperature, response_ids)
+    return lp, ent, cut(out[1]).astype(jnp.float32) if values else None
+  h, cut = predicting(method="hidden")
+  h = cut(h)
   vals = model.apply({"params": params}, h, method="values") if values else None
   lp, ent = _chunked_head(params, model, h, response_ids, stats, temperature, chunk)
   return lp, ent, vals

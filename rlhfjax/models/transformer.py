@@ -536,7 +536,9 @@ class Trunk(nn.Module):
     if cache is None and UNSTACKED in self.layers.variables.get("params", {}):
       # the layers one by one, each over its own parameters, the last only at the slots >= out_from
       layers = nn.unbox(self.layers.variables["params"])
-      block = (nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
+      # prevent_cse: outside a scan body, XLA could otherwise merge the recomputed forward with
+      # the original and keep every activation
+      block = (nn.remat(Block, prevent_cse=True, policy=REMAT_POLICIES[cfg.remat_policy])
                if cfg.remat else Block)
       for i in range(cfg.n_layers):
         (x, _), _ = block(cfg, out_from if i == cfg.n_layers - 1 else 0, parent=None).apply(

@@ -94,6 +94,15 @@ class AlgoConfig:
   # computes in the policy's dtype (a bf16 sampler: leave off, use `tis_cap`). The `entropy` metric
   # then comes from the update's forwards. Off: the policy forward runs (the default).
   sampler_logprobs: bool = False
+  # The update with each built-in trunk split per layer (its parameters and AdamW moments, for the
+  # whole update; `models.transformer.map_trunks`) and the losses' last layer run on the columns
+  # that predict response tokens only (`Trunk`'s `out_from`); unpacked rows only (packed ones keep
+  # the scan). Same values to 1e-5; ~10 % off the 4-layer PPO peer workload's update on XLA:CPU.
+  # Costs a second copy of the train state during the update and a compile that unrolls the
+  # layers, and the gain shrinks as 1 / n_layers: off by default. Needs an optimizer whose state
+  # mirrors the parameters leaf for leaf with a layout-blind mask (the built-in AdamW,
+  # `train.state.decay_mask`; not a fixed mask tree, multi_transform labels or Adafactor).
+  per_layer_update: bool = False
 
   def __post_init__(self):
     if self.algo not in ALGOS:
@@ -597,10 +606,11 @@ def _rl_update(state: RLState, exp: Experience, rng, *, algo: AlgoConfig, models
     metrics["update_skipped"] = 1.0 - ok.astype(jnp.float32)
     return jax.lax.cond(ok, step, lambda s: s, s), metrics
 
-  # unpacked rows: the losses run the last layer only on the columns predicting response tokens
-  # (`Trunk`'s `out_from`), and that pays with one tree per layer (`unstack_layers`), so the
-  # parameters and optimizer moments are laid out so for the whole update and stacked back after
-  per_layer = exp.packing is None
+  # `rl.per_layer_update` (unpacked rows): the losses run the last layer only on the columns
+  # predicting response tokens (`Trunk`'s `out_from`), which pays with one tree per layer
+  # (`unstack_layers`): parameters and optimizer moments are laid out so for the whole update
+  # (a custom `grad_fn` sees that state) and stacked back after
+  per_layer = algo.per_layer_update and exp.packing is None
   if per_layer:
     state = map_trunks(unstack_layers, state)
 
