@@ -149,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
                  help="sft, ppo_update, rl_iteration: rematerialize layers; the value is what a "
                       "layer keeps (model.remat_policy; bare --remat = full; rl_iteration's "
                       "default: dots)")
+  p.add_argument("--attention", choices=["einsum", "dot_product"],
+                 help="sft: the no-cache attention (model.attention; default einsum)")
   p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
   p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "reinforce_pp", "best_of_n"],
                  help="rl_step: the RL algorithm (rl_iteration: grpo or ppo)")

@@ -85,15 +85,16 @@ SIZES: dict[str, dict[str, int]] = {
 
 def bench_model_config(*, vocab: int, d_model: int, n_layers: int, max_len: int, head_dim: int = 64,
                        d_ff: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
-                       remat: bool | str = False):
+                       remat: bool | str = False, attention: str = "einsum"):
   """A standard-shaped model: heads = d_model / head_dim, GQA 2:1, SwiGLU width `d_ff` (default
-  3 x d_model), weights stored in `param_dtype`; `remat` as in `remat_fields`."""
+  3 x d_model), weights stored in `param_dtype`; `remat` as in `remat_fields`; `attention` the
+  no-cache attention (`TransformerConfig.attention`)."""
   from rlhfjax.models.transformer import TransformerConfig
   n_heads = max(1, d_model // head_dim)
   return TransformerConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                            n_kv_heads=max(1, n_heads // 2) if n_heads % 2 == 0 else n_heads,
                            head_dim=head_dim, d_ff=d_ff or 3 * d_model, max_len=max_len, dtype=dtype,
-                           param_dtype=param_dtype, **remat_fields(remat))
+                           param_dtype=param_dtype, attention=attention, **remat_fields(remat))
 
 
 def remat_fields(remat: bool | str | None) -> dict:

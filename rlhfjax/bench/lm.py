@@ -103,7 +103,7 @@ def bench_sample(*, peak: dict, d_model: int = 256, n_layers: int = 4, vocab: in
 def bench_sft(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int = 8192,
               head_dim: int = 64, d_ff: int | None = None, batch: int = 4, seq: int = 256,
               steps: int = 2, dtype: str = "float32", devices: str = "one", remat: bool | str = False,
-              **_) -> dict:
+              attention: str = "einsum", **_) -> dict:
   """The jitted, sharded, donated SFT step (`make_sft_step`) on random tokens: tokens/s and FLOP/s."""
   import jax
   import jax.numpy as jnp
@@ -113,7 +113,7 @@ def bench_sft(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int =
   from rlhfjax.train.state import OptimConfig, create_train_state, make_optimizer
 
   cfg = bench_model_config(vocab=vocab, d_model=d_model, n_layers=n_layers, max_len=seq,
-                           head_dim=head_dim, d_ff=d_ff, dtype=dtype, remat=remat)
+                           head_dim=head_dim, d_ff=d_ff, dtype=dtype, remat=remat, attention=attention)
   mesh, rules = make_mesh(devices), axes.DEFAULT_RULES
   tx = make_optimizer(OptimConfig(warmup_steps=1), steps + 1)
   state, shardings = create_train_state(PolicyModel(cfg), tx, jax.random.key(0), mesh, rules)
@@ -136,7 +136,7 @@ def bench_sft(*, peak: dict, d_model: int = 512, n_layers: int = 8, vocab: int =
   sec = statistics.median(time_calls(call, steps))
   n_tokens = batch * seq
   return result("sft", f"{shape_tag(d_model, n_layers, vocab, head_dim, d_ff)} B{batch} T{seq} {dtype}"
-                + remat_tag(remat),
+                + remat_tag(remat) + ("" if attention == "einsum" else f" attention={attention}"),
                 params=cfg.num_params(), tokens_per_s=n_tokens / sec,
                 flops_per_s=3.0 * cfg.forward_flops_per_token(seq) * n_tokens / sec, peak=peak,
                 dtype=dtype, step_s=sec, compile_s=compile_s, memory=memory)

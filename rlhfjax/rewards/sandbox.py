@@ -115,6 +115,7 @@ _NOBODY = 65534
 _UID_RANGES = ((1_000_000_000, 1 << 20), (40_000, 20_000))
 _uid_lock = threading.Lock()
 _uids_in_use: set[int] = set()
+_uids_issued: set[int] = set()  # every uid this process has handed out (for stray checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +162,6 @@ def _uid_range() -> tuple[int, int] | None:
   return None
 
 
-def sandbox_uid_range() -> tuple[int, int] | None:
-  """``(first_uid, count)`` the sandbox drops to when running as root, or None (nobody/non-root)."""
-  return _uid_range() if os.geteuid() == 0 else None
-
-
 def _acquire_uid() -> int | None:
   if os.geteuid() != 0:
     return None
@@ -178,6 +174,7 @@ def _acquire_uid() -> int | None:
       uid = start + random.randrange(size)
       if uid not in _uids_in_use:
         _uids_in_use.add(uid)
+        _uids_issued.add(uid)
         return uid
 
 
@@ -206,12 +203,12 @@ def _pids_of_uid(uid: int) -> list[int]:
 
 
 def stray_sandbox_processes() -> list[int]:
-  """Pids of processes owned by sandbox uids (should be empty between runs)."""
-  rng = sandbox_uid_range()
-  if rng is None:
-    return []
-  start, size = rng
-  return [pid for pid, owner, _ in _processes() if start <= owner < start + size]
+  """Pids of processes (zombies included) owned by the sandbox uids this process has handed out:
+  empty between its runs. Other processes' sandboxes (a second test worker, a second scorer on the
+  host) are theirs to check."""
+  with _uid_lock:
+    issued = set(_uids_issued)
+  return [pid for pid, owner, _ in _processes() if owner in issued]
 
 
 def _kill_uid(uid: int | None) -> None:
