@@ -282,6 +282,30 @@ def test_dot_product_attention_equals_einsum(cfg):
     dataclasses.replace(cfg, attention="flash")
 
 
+@pytest.mark.parametrize("t, want", [(18, ["cudnn", "xla"]), (17, ["xla"]), (18.5, ["xla"])])
+def test_dot_product_attention_asks_cudnn_on_gpu_only_where_it_takes_the_shapes(monkeypatch, t, want):
+  """On GPU in bf16 `dot_product_attention` asks cuDNN first (here it refuses: no cuDNN on the CPU)
+  and falls back to XLA's kernel; odd lengths (cuDNN's masked backward refuses them only when
+  differentiated) and float32 (18.5: t=18 in f32) go to XLA directly. The result is XLA's."""
+  from rlhfjax.models.transformer import dot_product_attention
+  asked, orig = [], jax.nn.dot_product_attention
+
+  def spy(*a, implementation=None, **kw):
+    asked.append(implementation)
+    return orig(*a, implementation=implementation, **kw)
+
+  dt = jnp.float32 if t == 18.5 else jnp.bfloat16
+  t = int(t)
+  ks = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (2, t, n, 8), dt) for key, n in zip(ks, (4, 2, 2)))
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None].repeat(2, 0)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got = jax.jit(dot_product_attention, static_argnums=4)(q, k, v, mask, 0.5)
+  assert asked == want
+  np.testing.assert_array_equal(got, orig(q, k, v, mask=mask, scale=0.5, implementation="xla"))
+
+
 @pytest.mark.parametrize("chunk", [4, 16])
 def test_banded_attention_equals_a_dense_numpy_reference(chunk):
   """`banded_attention` over a shared-prompt row layout (a 5-slot prompt, then responses of at most

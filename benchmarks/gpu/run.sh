@@ -9,14 +9,21 @@
 #   WHEELS=wheels benchmarks/gpu/run.sh     # offline: the missing packages from pre-downloaded wheels
 #   SIZE=tiny benchmarks/gpu/run.sh         # CPU smoke test: the same steps at toy sizes
 #
-# Env: OUT (raw output, JSON, table; default a new temp dir), PY (python3), VENV (benchmarks/gpu/.venv,
-# made with --system-site-packages; an existing one is reused), WHEELS, SIZE (1b | tiny), BUDGET_S
-# (470: wall seconds for everything), SFT_ARGS / DECODE_ARGS (replace the workload flags below).
+# Env: OUT (raw output, JSON, table; default a new temp dir), PY (python3), VENV (PY's own venv if PY
+# runs in one, else benchmarks/gpu/.venv made with --system-site-packages; an existing one is
+# reused), WHEELS, SIZE (1b | tiny), BUDGET_S (470: wall seconds for everything), SFT_ARGS /
+# DECODE_ARGS (replace the workload flags below).
 # Never installs jax: the installed jax / jaxlib / CUDA plugins are pinned while pip runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 deadline=$((SECONDS + ${BUDGET_S:-470}))
-PY=${PY:-python3} VENV=${VENV:-benchmarks/gpu/.venv} SIZE=${SIZE:-1b}
+PY=${PY:-python3} SIZE=${SIZE:-1b}
+# A python that is itself a venv (the H200 image's /opt/torch/.venv) is used as it is: a venv made
+# from it with --system-site-packages would see its base interpreter's packages, not jax.
+if [ -z "${VENV:-}" ] && "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  VENV=$("$PY" -c 'import sys; print(sys.prefix)')
+fi
+VENV=${VENV:-benchmarks/gpu/.venv}
 OUT=${OUT:-$(mktemp -d -t rlhfjax_gpu_XXXXXX)}
 mkdir -p "$OUT"
 raw="$OUT/gpu_bench.txt"
@@ -25,7 +32,7 @@ if [ "$SIZE" = tiny ]; then
   SFT_ARGS=${SFT_ARGS:---batch=4 --seq=64 --steps=2 --matmul_n=256}
   DECODE_ARGS=${DECODE_ARGS:---batch=8 --prompt=8 --new_tokens=32 --steps=2 --matmul_n=256}
 else
-  SFT_ARGS=${SFT_ARGS:---batch=8 --seq=1024 --steps=5}
+  SFT_ARGS=${SFT_ARGS:---batch=16 --seq=1024 --steps=5 --attention=dot_product}
   DECODE_ARGS=${DECODE_ARGS:---batch=128 --prompt=64 --new_tokens=256 --steps=3}
 fi
 

@@ -86,8 +86,8 @@ class TransformerConfig:
   sliding_window: int = 0  # local layers: a query sees the keys less than this many slots back (itself included)
   rope_local_base: float | None = None  # RoPE base of local layers, unscaled (Gemma 3); None: as global layers
   # Attention without a cache (training, scoring): "einsum" (explicit scores) or "dot_product"
-  # (`jax.nn.dot_product_attention`: XLA's fused path, cuDNN's flash kernel on GPU when it takes the
-  # mask); decoding with a cache always uses the einsum over the cache's own layout.
+  # (`dot_product_attention`: cuDNN's fused kernel on GPU in bf16, XLA's elsewhere); decoding with
+  # a cache always uses the einsum over the cache's own layout.
   attention: str = "einsum"
 
   def __post_init__(self):
@@ -303,6 +303,21 @@ def banded_attention(q, keys, values, allowed, prefix: int, window: int, scale: 
   return jnp.concatenate([out0, out], axis=1)
 
 
+def dot_product_attention(q, k, v, mask, scale):
+  """`jax.nn.dot_product_attention` of q [B, T, N, H] over k, v [B, S, K, H] where `mask` [B, 1, T, S]
+  allows: cuDNN's fused kernel on GPU where it takes the inputs (bf16 / fp16; a head dim <= 128 and
+  a multiple of 8; with a mask, T and S even, which its backward checks only when differentiated),
+  XLA's elsewhere and wherever cuDNN refuses them while tracing."""
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and h <= 128
+      and h % 8 == 0 and t % 2 == 0 and s % 2 == 0):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError, TypeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
 def _visible(q_slot, k_slot, seg_q, seg_k, pos_q, pos_k, window: int, is_local):
   """May a query see a key, without a cache (arrays broadcast together): causal over slots (-1:
   padding, never), a real key, and in packed rows (`models.sequence.Packing`, whose mask holds
@@ -383,9 +398,8 @@ class Attention(nn.Module):
         allowed = allowed & (in_window | ~is_local)
 
     if cache is None and cfg.attention == "dot_product":
-      out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None],
-                                         scale=scale)
-      return self._out(out, wo), new_cache
+      return self._out(dot_product_attention(q, keys.astype(dt), values.astype(dt), allowed[:, None], scale),
+                       wo), new_cache
     q = q.reshape(q.shape[0], t - q0, k, n // k, h)  # [batch, time, kv_heads, group, head_dim]
     logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, keys.astype(dt)).astype(jnp.float32) * scale
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
