@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--remat", nargs="?", const="full", choices=["none", "full", "dots"], default=None,
                  help="sft, ppo_update, rl_iteration: rematerialize layers; the value is what a "
                       "layer keeps (model.remat_policy; bare --remat = full; rl_iteration's "
-                      "default: dots)")
+                      "default: dots for GRPO, none for PPO)")
   p.add_argument("--attention", choices=["einsum", "dot_product"],
                  help="sft: the no-cache attention (model.attention; default einsum)")
   p.add_argument("--matmul_n", type=int, help="matmul peak size (default 1024 CPU / 8192 accelerators)")
