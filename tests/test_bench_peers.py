@@ -113,6 +113,18 @@ def test_rl_iteration_command_tiny(capsys):
              for line in out)
 
 
+def test_rl_iteration_profile_traces_one_uncounted_iteration(tmp_path, capsys):
+  """`--profile DIR`: an xprof trace of one more iteration lands in DIR, and the timings still
+  hold exactly the `--steps` timed iterations."""
+  (r,) = bench.main(["rl_iteration", "--algo=grpo", "--d_model=16", "--n_layers=1", "--n_heads=2",
+                     "--prompts=2", "--group=2", "--max_new=4", "--steps=2", "--matmul_n=64",
+                     f"--profile={tmp_path}"])
+  assert len(r["iterations"]) == 2
+  traces = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".xplane.pb")]
+  assert len(traces) == 1
+  assert f"traced into {tmp_path}" in capsys.readouterr().out
+
+
 def test_rl_iteration_long_packed_tiny(capsys):
   """`--long` packs the rollout (`rl.pack`): the forwards see packed rows at the full width, the
   warm-up compiled every row count (no timed iteration compiles), `--remat` is named."""

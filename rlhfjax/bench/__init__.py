@@ -163,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--variant", choices=["jit", "shard_map"],
                  help="rl_step, ppo_update: the jitted update or its shard_map variant")
   p.add_argument("--ensemble", type=int, help="rm_score: reward-model ensemble members")
+  p.add_argument("--profile", metavar="DIR",
+                 help="rl_iteration: trace one more iteration (after the timed ones, not counted) "
+                      "into DIR with jax.profiler, for xprof / TensorBoard's profile plugin")
   p.add_argument("--json", metavar="PATH", help="also write the device, the peak and the row dicts to PATH")
   return p
 

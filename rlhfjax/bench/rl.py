@@ -93,7 +93,7 @@ def response_widths(n: int) -> list[int]:
 
 
 def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, batch, score,
-                   steps: int, *, warmup: int = 1, trim: bool = False):
+                   steps: int, *, warmup: int = 1, trim: bool = False, profile: str | None = None):
   """(state, per-iteration dicts, warm-up seconds) of `warmup` untimed then `steps` timed RL
   iterations: sample -> score -> experience -> update, each blocked until ready (`RLStage.step`
   runs the experience forwards during the scoring; here each phase is timed alone).
@@ -106,7 +106,8 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
   Each dict: the phases' seconds, `total` (prompts encoded to update done), `width` (response
   columns the forwards saw), `rows` (rows they saw: packed rows, else the batch), `decoded`
   (the longest response: the prefill gave its first token, decode steps the rest) and
-  `response_tokens`.
+  `response_tokens`. With `profile`, one more iteration after the timed ones, not counted, is
+  traced into that directory (`jax.profiler.trace`: xprof / TensorBoard's profile plugin).
   """
   import jax
   import numpy as np
@@ -171,6 +172,9 @@ def run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules, b
     iteration(i, widths if i == 0 else (), row_counts if i == 0 else ())
   compile_s = time.perf_counter() - t
   runs = [iteration(warmup + i) for i in range(steps)]
+  if profile:
+    with jax.profiler.trace(profile):
+      iteration(warmup + steps)
   return state, runs, compile_s
 
 
@@ -250,7 +254,7 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
                        long: bool = False, devices: str = "one", recompute_logprobs: bool = False,
                        pack: bool | None = None, share_prompt: bool | None = None,
                        remat: bool | str | None = None, sampler_logprobs: bool | None = None,
-                       per_layer_update: bool = True, **_) -> dict:
+                       per_layer_update: bool = True, profile: str | None = None, **_) -> dict:
   """Seconds per RL iteration on the peer-benchmark work (`rlhfjax.bench.peer_work`; the same work
   the scripts in benchmarks/peers/ give TRL and Tunix): sample -> score -> experience -> update.
 
@@ -275,7 +279,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
   shared-prompt rows, the GRPO defaults, ignore it): the update per layer, its last layer on the
   predicting columns only.
   Compile excluded: `warmup` untimed iterations first (with `long`, compiling every trimmed width
-  or packed row count).
+  or packed row count). `profile`: a directory one more iteration, after the timed ones and not
+  counted, is traced into (`run_iterations`).
   """
   import json
 
@@ -366,7 +371,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
       return jnp.asarray([work.reward(t, a) for t, (_, a) in zip(texts, exs)], jnp.float32)
 
   state, runs, compile_s = run_iterations(state, ref, experience_fn, update_fn, cfg, sc, mesh, rules,
-                                          prompts_of, score, steps, warmup=warmup, trim=True)
+                                          prompts_of, score, steps, warmup=warmup, trim=True,
+                                          profile=profile)
   # On a shared CPU one peak measurement can land in a load spike: measure again, use the larger.
   again = matmul_peak(peak.get("n"))
   peak = {k: (max(x, again.get(k, 0.0)) if isinstance(x, float) else x) for k, x in peak.items()}
@@ -413,6 +419,8 @@ def bench_rl_iteration(*, peak: dict, algo: str = "grpo", d_model: int | None = 
               f"{statistics.median(r['rows'] for r in runs):.0f} of "
               f"{statistics.median(r['slots'] for r in runs):.0f} slots"
               if cfg.packs else f"trimmed width {statistics.median(r['width'] for r in runs):.0f}"),
+           *([f"rl_iteration ({name}): one more iteration traced into {profile} (xprof / "
+              f"TensorBoard's profile plugin; not in the timings)"] if profile else []),
            "iterations=" + json.dumps([{k: round(x, 5) if isinstance(x, float) else x
                                         for k, x in r.items()} for r in runs]),
            f"s_per_iter_median={sec:.6f}"]
