@@ -95,6 +95,21 @@ def test_harness_table_from_synthetic_runs():
   assert "failed" in lines[3] and "boom" in lines[3] and "n/a" in lines[3]
 
 
+def test_harness_runs_both_sides_with_one_glibc_environment(monkeypatch):
+  # peer and rlhfjax processes get the same GLIBC_TUNABLES, the harness's, whatever the caller had
+  run = _load("run")
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+  env = run.run_env("glibc.malloc.hugetlb=1")
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == os.environ["PATH"]
+  assert "GLIBC_TUNABLES" not in run.run_env("")
+  seen = []
+  monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]) or type(
+      "P", (), {"returncode": 1, "stdout": "", "stderr": "x"})())
+  monkeypatch.setattr(run, "setup", lambda suffix: "peer-python")
+  run.main(["--peers=trl_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null"])
+  assert len(seen) == 2 and all(e["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" for e in seen)
+
+
 def test_rl_iteration_command_tiny(capsys):
   """`python -m rlhfjax.bench rl_iteration` end to end on a tiny model: the last line parses."""
   (r,) = bench.main(["rl_iteration", "--algo=grpo", "--d_model=16", "--n_layers=1", "--n_heads=2",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 from typing import Callable
 
 from rlhfjax.bench.common import SIZES, matmul_peak
@@ -181,7 +182,9 @@ def main(argv=None) -> list[dict]:
 
   import jax
   peak = matmul_peak(args.matmul_n)
-  print(f"<!-- {jax.devices()[0].device_kind}, {jax.device_count()} device(s), jax {jax.__version__} -->")
+  tunables = os.environ.get("GLIBC_TUNABLES")  # glibc.malloc.hugetlb=1 changes CPU timings (README)
+  print(f"<!-- {jax.devices()[0].device_kind}, {jax.device_count()} device(s), jax {jax.__version__}"
+        f"{f', GLIBC_TUNABLES={tunables}' if tunables else ''} -->")
   print(HEADER)
   for line in peak_rows(peak):
     print(line, flush=True)
