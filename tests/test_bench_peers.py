@@ -95,8 +95,8 @@ def test_harness_table_from_synthetic_runs():
   assert "failed" in lines[3] and "boom" in lines[3] and "n/a" in lines[3]
 
 
-def test_harness_runs_both_sides_with_one_glibc_environment(monkeypatch):
-  # peer and rlhfjax processes get the same GLIBC_TUNABLES, the harness's, whatever the caller had
+def test_harness_sets_each_sides_glibc_environment(monkeypatch):
+  # each side's processes get the harness's GLIBC_TUNABLES for that side, whatever the caller had
   run = _load("run")
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
   env = run.run_env("glibc.malloc.hugetlb=1")
@@ -107,7 +107,12 @@ def test_harness_runs_both_sides_with_one_glibc_environment(monkeypatch):
       "P", (), {"returncode": 1, "stdout": "", "stderr": "x"})())
   monkeypatch.setattr(run, "setup", lambda suffix: "peer-python")
   run.main(["--peers=trl_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null"])
-  assert len(seen) == 2 and all(e["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" for e in seen)
+  peer, ours = seen  # round 1: the peer first
+  assert "GLIBC_TUNABLES" not in peer and ours["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  seen.clear()
+  run.main(["--peers=trl_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null",
+            "--peer_glibc_tunables=glibc.malloc.hugetlb=1", "--glibc_tunables="])
+  assert seen[0]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "GLIBC_TUNABLES" not in seen[1]
 
 
 def test_rl_iteration_command_tiny(capsys):

@@ -12,11 +12,12 @@ rounds), each a fresh process with its own warm-up (compile excluded on both sid
 pools every timed iteration of all rounds: median [min-max] seconds per iteration, ratio =
 peer / rlhfjax medians, and the median seconds of each phase. Raw results go to --out (JSON).
 
-Every process, peer and rlhfjax alike, runs with the same environment: by default
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--glibc_tunables`; empty for glibc's defaults), so
-that glibc backs its large allocations with transparent huge pages. XLA:CPU allocates each call's
+Each side runs with the glibc setting it is faster with: the rlhfjax runs with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--glibc_tunables`, as the Makefile sets it), the peers
+with glibc's defaults (`--peer_glibc_tunables`, empty: unset). XLA:CPU allocates each call's
 temporaries as one block (80 MiB for the short GRPO update) that glibc maps and unmaps every call;
-with 4 KiB pages every call pays ~20,000 page faults for it (README, "Throughput").
+with 4 KiB pages that costs ~20,000 page faults a call, with huge pages ~800. TRL GRPO ran slower
+with the tunable (3 of 3 alternating pairs, 2026-12-08), Tunix no faster (README, "Peers").
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def parse(output: str) -> dict:
 
 
 def run_env(glibc_tunables: str) -> dict:
-  """This process's environment for every run of both sides, GLIBC_TUNABLES set to `glibc_tunables`
-  (removed when empty)."""
+  """This process's environment with GLIBC_TUNABLES set to `glibc_tunables` (removed when empty)."""
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if glibc_tunables:
     env["GLIBC_TUNABLES"] = glibc_tunables
@@ -161,7 +161,9 @@ def main(argv=None):
   p.add_argument("--no_setup", action="store_true", help="use the venvs as they are")
   p.add_argument("--out", default=os.path.join(HERE, "results.json"))
   p.add_argument("--glibc_tunables", default="glibc.malloc.hugetlb=1",
-                 help="GLIBC_TUNABLES for every process of both sides ('' for glibc's defaults)")
+                 help="GLIBC_TUNABLES of the rlhfjax runs ('' for glibc's defaults)")
+  p.add_argument("--peer_glibc_tunables", default="",
+                 help="GLIBC_TUNABLES of the peer runs ('' for glibc's defaults)")
   args = p.parse_args(argv)
   peers = [x for x in args.peers.split(",") if x]
   workloads = [x for x in args.workloads.split(",") if x]
@@ -177,7 +179,8 @@ def main(argv=None):
   rows = {(w, n): {"workload": w, "peer": PEERS[n][3], "name": n, "peer_runs": [], "rlhfjax_runs": []}
           for w in workloads for n in peers}
   flags = [f"--steps={args.iters}", f"--warmup={args.warmup}"]
-  env = run_env(args.glibc_tunables)
+  envs = {"peer_runs": run_env(args.peer_glibc_tunables), "rlhfjax_runs": run_env(args.glibc_tunables)}
+  tunables = {k: e.get("GLIBC_TUNABLES", "") for k, e in envs.items()}
   started = datetime.datetime.now(datetime.timezone.utc)
   for rnd in range(args.rounds):
     for (w, n), row in rows.items():
@@ -187,7 +190,7 @@ def main(argv=None):
                   *WORKLOADS[w], *flags]
       order = [("peer_runs", peer_cmd), ("rlhfjax_runs", ours_cmd)]
       for key, cmd in (order if rnd % 2 == 0 else order[::-1]):
-        r = run_one(cmd, args.timeout, env) if n in pythons or key == "rlhfjax_runs" else {"error": "no venv"}
+        r = run_one(cmd, args.timeout, envs[key]) if n in pythons or key == "rlhfjax_runs" else {"error": "no venv"}
         r["round"], r["load_avg"] = rnd, os.getloadavg()[0]
         row[key].append(r)
         got = r.get("error") or f"{r['s_per_iter_median']:.3f} s/iter"
@@ -195,12 +198,12 @@ def main(argv=None):
               f"({r['wall_s']:.0f} s wall, load {r['load_avg']:.1f})", flush=True)
       with open(args.out, "w") as f:
         json.dump({"started": started.isoformat(), "argv": sys.argv[1:],
-                   "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "rows": list(rows.values())},
+                   "glibc_tunables": tunables, "rows": list(rows.values())},
                   f, indent=1)
   print()
   print(f"<!-- {started:%Y-%m-%d %H:%M} UTC, {args.rounds} rounds x {args.iters} timed iterations "
-        f"(+{args.warmup} warm-up) per side, alternating, GLIBC_TUNABLES="
-        f"{env.get('GLIBC_TUNABLES', '') or '(unset)'} on both; load average at the end "
+        f"(+{args.warmup} warm-up) per side, alternating; GLIBC_TUNABLES peers "
+        f"{tunables['peer_runs'] or '(unset)'}, rlhfjax {tunables['rlhfjax_runs'] or '(unset)'}; load average at the end "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores -->")
   print(build_table(list(rows.values())))
 
