@@ -106,9 +106,10 @@ def test_harness_sets_each_sides_glibc_environment(monkeypatch):
   monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]) or type(
       "P", (), {"returncode": 1, "stdout": "", "stderr": "x"})())
   monkeypatch.setattr(run, "setup", lambda suffix: "peer-python")
-  run.main(["--peers=trl_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null"])
-  peer, ours = seen  # round 1: the peer first
-  assert "GLIBC_TUNABLES" not in peer and ours["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  run.main(["--peers=trl_grpo,tunix_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null"])
+  trl, ours, tunix, ours2 = seen  # round 1: each peer before its rlhfjax run
+  assert "GLIBC_TUNABLES" not in trl and tunix["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert ours["GLIBC_TUNABLES"] == ours2["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
   seen.clear()
   run.main(["--peers=trl_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null",
             "--peer_glibc_tunables=glibc.malloc.hugetlb=1", "--glibc_tunables="])

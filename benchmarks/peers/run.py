@@ -13,11 +13,13 @@ pools every timed iteration of all rounds: median [min-max] seconds per iteratio
 peer / rlhfjax medians, and the median seconds of each phase. Raw results go to --out (JSON).
 
 Each side runs with the glibc setting it is faster with: the rlhfjax runs with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--glibc_tunables`, as the Makefile sets it), the peers
-with glibc's defaults (`--peer_glibc_tunables`, empty: unset). XLA:CPU allocates each call's
-temporaries as one block (80 MiB for the short GRPO update) that glibc maps and unmaps every call;
-with 4 KiB pages that costs ~20,000 page faults a call, with huge pages ~800. TRL GRPO ran slower
-with the tunable (3 of 3 alternating pairs, 2026-12-08), Tunix no faster (README, "Peers").
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--glibc_tunables`, as the Makefile sets it), each peer
+with `PEER_GLIBC_TUNABLES[name]` (`--peer_glibc_tunables` sets one value for all). XLA:CPU
+allocates each call's temporaries as one block (80 MiB for the short GRPO update) that glibc maps
+and unmaps every call; with 4 KiB pages that costs ~20,000 page faults a call, with huge pages ~800.
+Alternating runs of each peer script alone with and without it (2026-12-08 03:10 UTC): TRL GRPO
+slower with it in 3 of 3 pairs (0.634-0.741 against 0.732-0.803 s), TRL PPO faster in 2 of 2
+(3.47-4.06 against 3.35-3.57 s), Tunix faster in 2 of 2 (0.97-1.07 against 0.88-0.91 s).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ PEERS = {
     "tunix_grpo": ("tunix", "tunix_grpo.py", "grpo", "Tunix 0.1.7 GRPOLearner"),
 }
 WORKLOADS = {"default": [], "long": ["--long"]}
+# each peer's GLIBC_TUNABLES: the setting it ran faster with (module docstring); "" = unset
+PEER_GLIBC_TUNABLES = {"trl_grpo": "", "trl_ppo": "glibc.malloc.hugetlb=1",
+                       "tunix_grpo": "glibc.malloc.hugetlb=1"}
 PHASES = ("sample", "score", "experience", "update", "other")
 
 
@@ -162,8 +167,9 @@ def main(argv=None):
   p.add_argument("--out", default=os.path.join(HERE, "results.json"))
   p.add_argument("--glibc_tunables", default="glibc.malloc.hugetlb=1",
                  help="GLIBC_TUNABLES of the rlhfjax runs ('' for glibc's defaults)")
-  p.add_argument("--peer_glibc_tunables", default="",
-                 help="GLIBC_TUNABLES of the peer runs ('' for glibc's defaults)")
+  p.add_argument("--peer_glibc_tunables", default=None,
+                 help="GLIBC_TUNABLES of every peer's runs ('' for glibc's defaults; default: "
+                      "PEER_GLIBC_TUNABLES, per peer)")
   args = p.parse_args(argv)
   peers = [x for x in args.peers.split(",") if x]
   workloads = [x for x in args.workloads.split(",") if x]
@@ -179,8 +185,9 @@ def main(argv=None):
   rows = {(w, n): {"workload": w, "peer": PEERS[n][3], "name": n, "peer_runs": [], "rlhfjax_runs": []}
           for w in workloads for n in peers}
   flags = [f"--steps={args.iters}", f"--warmup={args.warmup}"]
-  envs = {"peer_runs": run_env(args.peer_glibc_tunables), "rlhfjax_runs": run_env(args.glibc_tunables)}
-  tunables = {k: e.get("GLIBC_TUNABLES", "") for k, e in envs.items()}
+  tunables = {n: PEER_GLIBC_TUNABLES[n] if args.peer_glibc_tunables is None else args.peer_glibc_tunables
+              for n in peers}
+  tunables["rlhfjax"] = args.glibc_tunables
   started = datetime.datetime.now(datetime.timezone.utc)
   for rnd in range(args.rounds):
     for (w, n), row in rows.items():
@@ -190,7 +197,8 @@ def main(argv=None):
                   *WORKLOADS[w], *flags]
       order = [("peer_runs", peer_cmd), ("rlhfjax_runs", ours_cmd)]
       for key, cmd in (order if rnd % 2 == 0 else order[::-1]):
-        r = run_one(cmd, args.timeout, envs[key]) if n in pythons or key == "rlhfjax_runs" else {"error": "no venv"}
+        env = run_env(tunables[n if key == "peer_runs" else "rlhfjax"])
+        r = run_one(cmd, args.timeout, env) if n in pythons or key == "rlhfjax_runs" else {"error": "no venv"}
         r["round"], r["load_avg"] = rnd, os.getloadavg()[0]
         row[key].append(r)
         got = r.get("error") or f"{r['s_per_iter_median']:.3f} s/iter"
@@ -201,9 +209,10 @@ def main(argv=None):
                    "glibc_tunables": tunables, "rows": list(rows.values())},
                   f, indent=1)
   print()
+  glibc = ", ".join(f"{k} {v or 'unset'}" for k, v in tunables.items())
   print(f"<!-- {started:%Y-%m-%d %H:%M} UTC, {args.rounds} rounds x {args.iters} timed iterations "
-        f"(+{args.warmup} warm-up) per side, alternating; GLIBC_TUNABLES peers "
-        f"{tunables['peer_runs'] or '(unset)'}, rlhfjax {tunables['rlhfjax_runs'] or '(unset)'}; load average at the end "
+        f"(+{args.warmup} warm-up) per side, alternating; GLIBC_TUNABLES "
+        f"{glibc}; load average at the end "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores -->")
   print(build_table(list(rows.values())))
 
