@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench bench-peers clean
 
 # glibc backs large allocations with transparent huge pages: XLA:CPU maps each call's temporaries
-# afresh, and with 4 KiB pages pays a page fault per 4 KiB every call (README, "Throughput").
+# afresh, and with 4 KiB pages pays a page fault per 4 KiB every call (README, "Install by hand").
 # Glibc without the tunable ignores it; set GLIBC_TUNABLES yourself to override.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
