@@ -7,6 +7,7 @@ work definition (rlhfjax/bench/peer_work.py) rather than their own numbers.
 import importlib.util
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -103,8 +104,8 @@ def test_harness_sets_each_sides_glibc_environment(monkeypatch):
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == os.environ["PATH"]
   assert "GLIBC_TUNABLES" not in run.run_env("")
   seen = []
-  monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]) or type(
-      "P", (), {"returncode": 1, "stdout": "", "stderr": "x"})())
+  monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: seen.append(kw["env"]) or
+                      subprocess.CompletedProcess(cmd, 1, "", "x"))
   monkeypatch.setattr(run, "setup", lambda suffix: "peer-python")
   run.main(["--peers=trl_grpo,tunix_grpo", "--workloads=default", "--rounds=1", "--out=/dev/null"])
   trl, ours, tunix, ours2 = seen  # round 1: each peer before its rlhfjax run
