@@ -14,6 +14,12 @@ from rlhfjax.rl.masked import masked_mean
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  """``x`` in float32 or wider: summed log-probs are large, their bf16 differences mostly rounding."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
              ref_rejected_logps: jax.Array, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, weights: jax.Array | None = None
@@ -38,7 +44,8 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
     `reward_margin` (mean difference), `logps_chosen` / `logps_rejected` (policy).
   """
   sg = jax.lax.stop_gradient
-  ref_chosen_logps, ref_rejected_logps = sg(ref_chosen_logps), sg(ref_rejected_logps)
+  chosen_logps, rejected_logps = _f32(chosen_logps), _f32(rejected_logps)
+  ref_chosen_logps, ref_rejected_logps = sg(_f32(ref_chosen_logps)), sg(_f32(ref_rejected_logps))
   h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
   if loss_type == "sigmoid":
     per_pair = ((1 - label_smoothing) * jax.nn.softplus(-beta * h)

@@ -16,7 +16,8 @@ KL_KINDS = ("k1", "k2", "k3")
 
 
 def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, kind: str = "k1") -> jax.Array:
-  """Per-token estimate of ``KL(pi || ref)`` on tokens sampled from ``pi``, same shape as the inputs.
+  """Per-token estimate of ``KL(pi || ref)`` on tokens sampled from ``pi``, same shape as the inputs
+  (float32 or wider).
 
   Schulman 2020, "Approximating KL Divergence", with ``log_r = ref_logprobs - logprobs`` (another
   ``kind`` raises ``ValueError``):
@@ -25,7 +26,10 @@ def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, kind: str = "k1") 
     k2 = 0.5 * log_r ** 2           biased, low variance, >= 0
     k3 = (exp(log_r) - 1) - log_r   unbiased, low variance, >= 0
   """
-  log_r = jnp.asarray(ref_logprobs) - jnp.asarray(logprobs)
+  logprobs, ref_logprobs = jnp.asarray(logprobs), jnp.asarray(ref_logprobs)
+  # float32 or wider: in bf16, k3's ``expm1(log_r) - log_r`` cancels to noise for small ``log_r``.
+  dtype = jnp.promote_types(jnp.result_type(logprobs, ref_logprobs), jnp.float32)
+  log_r = ref_logprobs.astype(dtype) - logprobs.astype(dtype)
   if kind == "k1":
     return -log_r
   if kind == "k2":

@@ -15,6 +15,12 @@ from rlhfjax.rl.masked import masked_mean, masked_sum, masked_var
 AGGREGATIONS = ("token", "sequence", "fixed")
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  """``x`` in float32 or wider (bf16 ratios, squares and ``exp`` lose most of their digits)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def aggregate_loss(loss: jax.Array, mask: jax.Array, aggregation: str = "token",
                    fixed_length: int | None = None) -> jax.Array:
   """Reduces a per-token loss ``[batch, length]`` over ``mask`` to a scalar.
@@ -57,8 +63,9 @@ def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: ja
   if dual_clip is not None and dual_clip <= 1.0:
     raise ValueError(f"dual_clip must be > 1, got {dual_clip}.")
   clip_high = clip_eps if clip_eps_high is None else clip_eps_high
-  old_logprobs = jax.lax.stop_gradient(old_logprobs)
-  advantages = jax.lax.stop_gradient(advantages)
+  logprobs = _f32(logprobs)
+  old_logprobs = jax.lax.stop_gradient(_f32(old_logprobs))
+  advantages = jax.lax.stop_gradient(_f32(advantages))
   valid = jnp.asarray(mask) != 0
 
   log_ratio = logprobs - old_logprobs
@@ -102,7 +109,7 @@ def truncated_is_weights(trainer_logprobs: jax.Array, sampler_logprobs: jax.Arra
   gradient. ``cap`` > 0 (verl and TRL use 2)."""
   if cap <= 0:
     raise ValueError(f"the TIS cap must be > 0, got {cap}")
-  log_w = jnp.where(jnp.asarray(mask) != 0, trainer_logprobs - sampler_logprobs, 0.0)
+  log_w = jnp.where(jnp.asarray(mask) != 0, _f32(trainer_logprobs) - _f32(sampler_logprobs), 0.0)
   return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), cap))
 
 
@@ -116,10 +123,10 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
   Gradients flow only to ``values``; ``clip=None`` gives ``0.5 * (V - R)^2``. Metrics: ``vf_loss``,
   ``vf_clipfrac`` (the clipped term is the larger), ``value_mean``.
   """
-  old_values = jax.lax.stop_gradient(old_values)
-  returns = jax.lax.stop_gradient(returns)
+  old_values = jax.lax.stop_gradient(_f32(old_values))
+  returns = jax.lax.stop_gradient(_f32(returns))
   valid = jnp.asarray(mask) != 0
-  values_v = jnp.where(valid, values, 0.0)
+  values_v = jnp.where(valid, _f32(values), 0.0)
   unclipped = jnp.square(values_v - returns)
   if clip is None:
     per_token = unclipped
@@ -159,4 +166,5 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
   (``-inf`` logits contribute 0)."""
   logp = jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
   p = jnp.exp(logp)
-  return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+  # Zero log p where p == 0 before the product: 0 * -inf is nan in the backward pass otherwise.
+  return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)

@@ -36,7 +36,8 @@ def masked_var(x: jax.Array, mask: jax.Array, axis=None, keepdims: bool = False,
   """Variance over masked entries; ``unbiased``: Bessel's ``n / (n - 1)`` (as TRL's ``masked_var``
   and ``torch.var``), not applied with ``n <= 1`` masked entries (the variance is then 0)."""
   mean = masked_mean(x, mask, axis=axis, keepdims=True)
-  centered = jnp.asarray(x).astype(mean.dtype) - mean
+  # 0 on mask-0 entries before squaring, so an inf / nan there cannot make the gradient nan.
+  centered = jnp.where(jnp.asarray(mask) != 0, jnp.asarray(x).astype(mean.dtype) - mean, 0.0)
   var = masked_mean(centered * centered, mask, axis=axis, keepdims=keepdims)
   if unbiased:
     count = jnp.sum(jnp.asarray(mask, var.dtype), axis=axis, keepdims=keepdims)
@@ -53,6 +54,7 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True,
   """
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  x = jnp.where(jnp.asarray(mask) != 0, x, 0.0)  # an inf / nan on padding: no nan gradient
   mean = masked_mean(x, mask)
   var = masked_var(x, mask, unbiased=True)
   out = (x - mean) * jax.lax.rsqrt(var + eps)
