@@ -3,13 +3,15 @@ and statistics about thinking.
 
 ``format_reward`` is 1.0 only for exactly one well-nested, non-empty thinking block at the start of
 the completion (leading whitespace allowed) followed by a non-blank answer from which
-``extract_answer`` can read something; mis-nested, unclosed or repeated tags, an empty block, text
-before it, or nothing extractable after it all score 0.0. If the prompt template already ends with
-the opening tag (the model starts inside the block), pass ``open_tag_in_prompt=True``: the
-completion must then contain exactly one closing tag and no opening tag.
+``extract_answer`` can read something; mis-nested, unclosed or repeated tags, an empty block (only
+whitespace or invisible characters such as a zero-width space), text before it, or nothing extractable
+after it all score 0.0. If the prompt template already ends with the opening tag (the model starts
+inside the block), pass ``open_tag_in_prompt=True``: the completion must then contain exactly one
+closing tag and no opening tag.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,18 +28,23 @@ def split_thinking(completion: str, *, open_tag_in_prompt: bool = False) -> tupl
   if text.count(OPEN_TAG) != 1 or text.count(CLOSE_TAG) != 1:
     return None
   before, rest = text.split(OPEN_TAG, 1)
-  if before.strip():
+  if not _blank(before):
     return None
   thinking, answer = rest.split(CLOSE_TAG, 1)  # exactly one close tag, after the open one
-  if not thinking.strip():
+  if _blank(thinking):
     return None
   return thinking, answer
+
+
+def _blank(text: str) -> bool:
+  """Nothing visible: whitespace and invisible format/control characters only (zero-width space, BOM, ...)."""
+  return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
 
 
 def is_well_formed(completion: str, *, open_tag_in_prompt: bool = False) -> bool:
   """Exactly one non-empty thinking block first, then an extractable answer."""
   parts = split_thinking(completion, open_tag_in_prompt=open_tag_in_prompt)
-  return parts is not None and bool(parts[1].strip()) and extract_answer(parts[1]) is not None
+  return parts is not None and not _blank(parts[1]) and extract_answer(parts[1]) is not None
 
 
 def format_reward(completions: Sequence[str], *, open_tag_in_prompt: bool = False) -> np.ndarray:
