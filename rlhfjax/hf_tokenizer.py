@@ -60,13 +60,20 @@ def _compile(template: str):
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
+  class TemplateDict:  # `dict(...)` and `dict.fromkeys(...)`, as transformers gives templates
+    def __call__(self, *args, **kwargs):
+      return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+      return dict.fromkeys(*args, **kwargs)
+
   env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                       extensions=[Generation, ext.loopcontrols])
   # json.dumps with transformers' defaults: no HTML escaping, non-ASCII kept
   env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
   env.globals.update(raise_exception=raise_exception, namespace=Namespace,
                      strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt),
-                     dict=lambda *a, **k: dict(*a, **k))
+                     dict=TemplateDict())
   return env.from_string(template)
 
 
@@ -107,6 +114,8 @@ class HFTokenizer:
                thinking: tuple[str, str] = ("<think>", "</think>"), eos_token: str | None = None,
                template_kwargs: dict | None = None):
     self._tok, self._config = tok, dict(config)
+    if "split_special_tokens" in config:  # as transformers: special tokens in text encode as text
+      tok.encode_special_tokens = bool(config["split_special_tokens"])
     self.chat_template = chat_template
     self.thinking_start, self.thinking_end = thinking
     # Every `*_token` string in the config is visible to the template, as in transformers.
@@ -134,7 +143,8 @@ class HFTokenizer:
            thinking: tuple[str, str] = ("<think>", "</think>"), eos_token: str | None = None,
            template_kwargs: dict | None = None) -> "HFTokenizer":
     """Loads a directory with `tokenizer.json` (+ `tokenizer_config.json`, `special_tokens_map.json`,
-    `chat_template.jinja`), or a `tokenizer.json` file. `chat_template` overrides the checkpoint's;
+    `chat_template.jinja`), or a `tokenizer.json` file. `chat_template` (a template, or the name of one
+    of the checkpoint's named templates) overrides the checkpoint's default template;
     `template_kwargs` (e.g. `{"enable_thinking": False}`) are passed to every rendering."""
     d, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (
         os.path.dirname(path), path)
@@ -143,15 +153,29 @@ class HFTokenizer:
     config = _read_json(os.path.join(d, "tokenizer_config.json"))
     if "added_tokens_decoder" not in config:  # legacy special_tokens_map.json, as transformers reads it
       config.update(_read_json(os.path.join(d, "special_tokens_map.json")))
-    # transformers 5 saves the template to chat_template.jinja (first choice); older checkpoints keep
-    # it under "chat_template" in tokenizer_config.json: a string or a list of {"name", "template"}.
+    # transformers 5 saves the template to chat_template.jinja and named ones to
+    # additional_chat_templates/NAME.jinja (these files win); older checkpoints keep it under
+    # "chat_template" in tokenizer_config.json: a string or a list of {"name", "template"}.
     template = config.get("chat_template")
     if isinstance(template, list):
       template = {t["name"]: t["template"] for t in template}
+    files = {}
     if os.path.isfile(jinja := os.path.join(d, "chat_template.jinja")):
-      with open(jinja, encoding="utf-8") as f:
-        template = f.read()
-    if isinstance(template, dict):
+      files["default"] = jinja
+    if os.path.isdir(extra := os.path.join(d, "additional_chat_templates")):
+      files.update({n[:-len(".jinja")]: os.path.join(extra, n) for n in sorted(os.listdir(extra))
+                    if n.endswith(".jinja")})
+    if files:
+      template = {}
+      for name, f_path in files.items():
+        with open(f_path, encoding="utf-8") as f:
+          template[name] = f.read()
+    if isinstance(template, dict):  # as transformers' get_chat_template: a name picks one, else "default"
+      if chat_template in template:
+        chat_template = template[chat_template]
+      elif chat_template is None and "default" not in template:
+        raise ValueError(f"{d}: the tokenizer has chat templates {sorted(template)} but no 'default'; "
+                         "pass chat_template= (a template or one of these names)")
       template = template.get("default")
     return cls(tokenizers.Tokenizer.from_file(file), config, chat_template=chat_template or template,
                thinking=thinking, eos_token=eos_token, template_kwargs=template_kwargs)
@@ -178,8 +202,10 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Decodes up to (not including) the first eos; pad, bos, out-of-vocabulary ids and special
-    tokens other than the thinking tags are skipped."""
+    tokens other than the thinking tags are skipped. Where pad is eos, leading ones are left padding."""
     ids = np.asarray(ids, np.int64).reshape(-1)
+    if self.pad_id == self.eos_id:
+      ids = ids[np.argmax(np.append(ids, -1) != self.pad_id):]
     eos = np.flatnonzero(ids == self.eos_id)
     ids = ids[:eos[0]] if eos.size else ids
     ids = ids[~np.isin(ids, self._skip) & (ids >= 0) & (ids < self.vocab_size)]
