@@ -144,3 +144,25 @@ def test_chat_files_without_answers_reach_the_ppo_gold_score(tmp_path):
   want = gold_scores(["What is 2 + 3?", "What is 4 + 3?"], texts)
   assert want[0] > want[1]  # the first is right
   assert _gold_metrics(texts, exs)["gold_reward_mean"] == float(want.mean())
+
+
+def test_long_prompts_fail_at_setup_or_are_dropped(tmp_path):
+  """A prompt longer than data.max_prompt_len is found when the run is set up (not at the batch that
+  holds it, mid-training): a one-line error, or with data.max_bad_fraction dropped with a warning."""
+  from experiments import hf_grpo
+  from rlhfjax.train.pipeline import setup_run
+  rows = [{"question": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(40)]
+  rows[7]["question"] = "What is " + " plus ".join(str(a) for a in range(60)) + "?"
+  c = hf_grpo.get_config()
+  c.data.train_path = _write(tmp_path / "train.jsonl", rows)
+  c.data.test_path = _write(tmp_path / "test.jsonl", rows[:4] + rows[8:12])
+  c.model.hf_path, c.tokenizer.path, c.tokenizer.vocab_size = "", "", 64
+  c.data.max_prompt_len = 48
+  with pytest.raises(ValueError, match=r"train data: 1 of 40 prompts longer than max_prompt_len=48 tokens "
+                                       r"\(the longest \d+: 'What is 0 plus 1 plus 2"):
+    setup_run(c, str(tmp_path / "w1"))
+  c.data.max_bad_fraction = 0.05
+  run = setup_run(c, str(tmp_path / "w2"))
+  assert len(run.train_examples) == 39 and rows[7]["question"] not in [e["prompt"] for e in run.train_examples]
+  assert len(run.test_examples) == 8
+  assert max(len(run.tokenizer.prompt_ids(e["prompt"])) for e in run.train_examples) <= 48

@@ -279,6 +279,19 @@ def test_combine_rewards_nan_policies():
     combine_rewards({"math": 1.0}, prompts, completions, nan_policy="bogus")
 
 
+def test_combine_rewards_infinite_scores_are_unscored():
+  def blowup(prompts, completions, **unused):
+    return np.array([1.0, np.inf, -np.inf, 1e39])  # 1e39: inf in float32
+
+  total, per_fn, nan_counts = combine_rewards([(blowup, 2.0), (_const(1.0), 1.0)], ["p"] * 4, ["c"] * 4)
+  np.testing.assert_allclose(total, [3.0, 1.0, 1.0, 1.0])
+  assert nan_counts == {"blowup": 3, "fn": 0} and np.isnan(per_fn["blowup"][1:]).all()
+  total, _, _ = combine_rewards([(blowup, 1.0)], ["p"] * 4, ["c"] * 4, nan_policy="propagate")
+  assert total[0] == 1.0 and np.isnan(total[1:]).all()
+  with pytest.raises(ValueError, match="could not score 3 of 4"):
+    combine_rewards([(blowup, 1.0)], ["p"] * 4, ["c"] * 4, nan_policy="raise")
+
+
 def test_combine_rewards_survives_broken_functions():
   def broken(prompts, completions, **unused):
     raise RuntimeError("verifier down")

@@ -24,6 +24,8 @@ import re
 import zlib
 from typing import Mapping
 
+import numpy as np
+
 from rlhfjax.data.preferences import SkipReport, iter_rows
 
 log = logging.getLogger("rlhfjax")
@@ -115,6 +117,28 @@ def read_examples(path: str, fields: Mapping[str, str], *, max_bad_fraction: flo
     raise ValueError(f"{path}: {bad} of {bad + len(out)} records bad (max_bad_fraction="
                      f"{max_bad_fraction}, fields {fields}){first}")
   return out, report
+
+
+def drop_long_prompts(examples: list[dict], tokenizer, max_prompt_len: int, *, max_bad_fraction: float = 0.0,
+                      source: str = "data") -> list[dict]:
+  """`examples` without those whose prompt is longer than `max_prompt_len` tokens (as the batches
+  encode it: bos and chat template included), checked when the data is read: a long prompt would
+  otherwise stop the run at the batch that holds it. More than `max_bad_fraction` of them is a
+  one-line ValueError naming the longest; fewer are dropped with a warning."""
+  if not examples:
+    return examples
+  lengths = np.asarray([len(tokenizer.prompt_ids(e["prompt"])) for e in examples])
+  long = lengths > max_prompt_len
+  if not long.any():
+    return examples
+  worst = int(lengths.argmax())
+  what = (f"{source}: {int(long.sum())} of {len(examples)} prompts longer than max_prompt_len={max_prompt_len} "
+          f"tokens (the longest {int(lengths[worst])}: {str(examples[worst]['prompt'])[:80]!r})")
+  if long.mean() > max_bad_fraction:
+    raise ValueError(f"{what}; raise config.data.max_prompt_len, shorten them, or allow dropping them with "
+                     f"config.data.max_bad_fraction (now {max_bad_fraction})")
+  log.warning("%s: dropped", what)
+  return [e for e, x in zip(examples, long) if not x]
 
 
 def split_examples(examples: list[dict], test_fraction: float) -> tuple[list[dict], list[dict]]:

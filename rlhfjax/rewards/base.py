@@ -134,8 +134,8 @@ def combine_rewards(
   Args:
     fns_with_weights: ``{registered_name: weight}``, or a sequence of ``(name_or_fn, weight)`` or
       ``(name, fn, weight)``.
-    nan_policy: what to do with NaN ("could not score") entries, and with a reward function that
-      raises or returns the wrong shape (counted as all-NaN):
+    nan_policy: what to do with NaN ("could not score") entries (an infinite score is one too), and
+      with a reward function that raises or returns the wrong shape (counted as all-NaN):
       ``"zero"`` (default) -- contribute 0 to the total, counted in ``nan_counts``;
       ``"raise"`` -- raise ``ValueError`` (or re-raise the function's exception);
       ``"propagate"`` -- the total is NaN for that completion (let the caller drop or mask it).
@@ -168,6 +168,11 @@ def combine_rewards(
         raise
       logging.exception("reward %r failed; scoring the whole batch as NaN", name)
       scores = np.full([n], np.nan, np.float32)
+    if np.isinf(scores).any():  # +-inf (or a float64 beyond float32's range): no score, as NaN; it
+      # would make every advantage of its group NaN (inf - inf)
+      logging.warning("reward %r returned %d infinite scores; counted as unscored (NaN)", name,
+                      int(np.isinf(scores).sum()))
+      scores = np.where(np.isinf(scores), np.float32(np.nan), scores)
     nans = np.isnan(scores)
     nan_counts[name] = int(nans.sum())
     per_fn[name] = scores

@@ -209,6 +209,11 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   with primary_first("setup_run"):  # process 0 builds the data set and tokenizer the others read
     train, test = load_data(config, workdir)
     tokenizer = prepare_tokenizer(config, workdir, train)
+  if config.data.get("source", "arithmetic") == "file":  # the user's prompts: long ones fail now, not mid-run
+    from rlhfjax.data.files import drop_long_prompts
+    kw = dict(max_bad_fraction=config.data.get("max_bad_fraction", 0.0))
+    train = drop_long_prompts(train, tokenizer, config.data.max_prompt_len, source="train data", **kw)
+    test = drop_long_prompts(test, tokenizer, config.data.max_prompt_len, source="test data", **kw)
   return Run(config=config, workdir=workdir, tokenizer=tokenizer,
              model_cfg=make_model_config(config, tokenizer), mesh=create_mesh(tuple(config.mesh.shape)),
              rules=tuple(tuple(r) for r in config.sharding.rules), writer=None,
