@@ -16,6 +16,11 @@ inside that read) and no leaf is ever whole on one device.
 Both `config.json` layouts are read: transformers 4.x (`rope_theta`, `rope_scaling`,
 `rope_local_base_freq`, `sliding_window_pattern`) and 5.x (`rope_parameters`, per layer type for Gemma 3,
 `layer_types`). `save_hf` writes the 4.x layout, which both read.
+
+What the trunk cannot reproduce is refused, never approximated: a config key it lacks (quantization,
+yarn / dynamic / longrope RoPE, partial rotary, soft-capping, MLP biases, 4.x and 5.x keys that disagree)
+is a one-line ValueError from config.json alone, and a checkpoint tensor the config does not use (a bias
+with `attention_bias` false, ...) or a non-float one is refused before any weight is read.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
     "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
     "sliding_window": 4096, "tie_word_embeddings": True}
+# transformers' config-class defaults of the keys that change the model, for a config.json without them
+_FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "tie_word_embeddings": False, "hidden_act": "silu"},
+    "qwen2": {"max_position_embeddings": 32_768, "tie_word_embeddings": False, "hidden_act": "silu",
+              "sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"max_position_embeddings": 32_768, "tie_word_embeddings": False, "hidden_act": "silu",
+              "head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
+    "gemma3_text": {**_GEMMA3_TEXT_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256},
+}
 # multimodal weight-name prefixes (transformers 4.5x / newer layouts) -> the text model's names
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                   ("language_model.lm_head.", "lm_head."))
@@ -59,47 +73,83 @@ _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.",
 # config.json -> TransformerConfig
 
 
-def _rope_sections(hf: dict, family: str) -> tuple[dict, dict | None]:
-  """(global RoPE params, local-layer RoPE params or None), each {"rope_type", "rope_theta", ...}."""
+def _rope_sections(hf: dict, family: str, where: str) -> tuple[dict, dict | None]:
+  """(global RoPE params, local-layer RoPE params or None), each {"rope_type", "rope_theta", ...}.
+
+  The 4.x keys (`rope_scaling`, `rope_theta`, `partial_rotary_factor`, Gemma's `rope_local_base_freq`)
+  fill in what 5.x `rope_parameters` leaves out, as transformers 5.x reads them; where both give a value
+  they must agree (transformers 4.x reads only the former, 5.x mostly the latter): one-line ValueError."""
   gemma = family == "gemma3_text"
-  rp = hf.get("rope_parameters")
-  if rp and ("full_attention" in rp or "sliding_attention" in rp):  # 5.x, per layer type
-    glob, loc = dict(rp.get("full_attention") or {}), rp.get("sliding_attention")
-    loc = dict(loc) if loc else None
-  elif rp:  # 5.x, one dict
-    glob, loc = dict(rp), None
-  else:  # 4.x
-    glob = dict(hf.get("rope_scaling") or {})
-    if "rope_theta" in hf:
-      glob.setdefault("rope_theta", hf["rope_theta"])
-    loc = {"rope_type": "default", "rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else None
-  glob.setdefault("rope_type", glob.pop("type", "default"))
-  glob.setdefault("rope_theta", 1_000_000.0 if gemma else 10_000.0)
+  rp = hf.get("rope_parameters") or {}
+  nested = "full_attention" in rp or "sliding_attention" in rp
+  if rp and nested != gemma:
+    raise ValueError(f"{where}: rope_parameters={rp} is not supported for {family} (transformers reads "
+                     + ("one dict per layer type, full_attention / sliding_attention)" if gemma else
+                        "one dict, not one per layer type)"))
+  glob = _rope_type_key(dict(rp.get("full_attention") or {}) if nested else dict(rp))
+  loc = _rope_type_key(dict(rp.get("sliding_attention") or {})) if gemma else None
+  old = _rope_type_key(dict(hf.get("rope_scaling") or {}))
+  old.update({k: hf[k] for k in ("rope_theta", "partial_rotary_factor") if hf.get(k) is not None})
+  given = [(glob, old, "")]
   if gemma:
-    loc = dict(loc or {})
-    loc.setdefault("rope_type", loc.pop("type", "default"))
+    old_loc = {"rope_theta": hf["rope_local_base_freq"]} if hf.get("rope_local_base_freq") is not None else {}
+    if hf.get("partial_rotary_factor") is not None:
+      old_loc["partial_rotary_factor"] = hf["partial_rotary_factor"]
+    given.append((loc, old_loc, "sliding_attention "))
+  for sec, old_keys, what in given:
+    for k, v in old_keys.items():
+      if k in sec and sec[k] != v:
+        raise ValueError(f"{where}: rope_parameters' {what}{k}={sec[k]!r} disagrees with the transformers-4.x "
+                         f"key giving {k}={v!r} (rope_scaling / rope_theta / rope_local_base_freq / "
+                         "partial_rotary_factor)")
+      sec.setdefault(k, v)
+  glob.setdefault("rope_type", "default")
+  glob.setdefault("rope_theta", 1_000_000.0 if gemma else 10_000.0)
+  if glob["rope_type"] in ("llama3", "yarn", "longrope"):  # 5.x: the top-level key wins, then max positions
+    top = hf.get("original_max_position_embeddings")
+    if top is not None and glob.get("original_max_position_embeddings", top) != top:
+      raise ValueError(f"{where}: original_max_position_embeddings={top} disagrees with the rope parameters' "
+                       f"{glob['original_max_position_embeddings']}")
+    glob.setdefault("original_max_position_embeddings", top or hf["max_position_embeddings"])
+  if gemma:
+    loc.setdefault("rope_type", "default")
     loc.setdefault("rope_theta", 10_000.0)
   return glob, loc
 
 
-def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[str, ...]:
+def _rope_type_key(sec: dict) -> dict:
+  """`sec` with the 4.x `type` key read as `rope_type` (which wins where both are given, as in transformers)."""
+  kind = sec.pop("type", None)
+  if kind is not None:
+    sec.setdefault("rope_type", kind)
+  return sec
+
+
+def _layer_types(hf: dict, family: str, n_layers: int, where: str) -> tuple[str, ...]:
   """Per layer "global" / "local", or () when no layer uses a sliding window."""
   if family == "gemma3_text":
-    if hf.get("layer_types"):
-      names = hf["layer_types"]
-    else:
-      pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
-      names = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-    if hf.get("sliding_window") is None:
-      names = ["full_attention"] * n_layers
-  elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+    # transformers reads `sliding_window_pattern` (its default 6); the `_sliding_window_pattern` 5.x
+    # writes beside `layer_types` is never read back
     names = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n_layers)]
+        "sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) else "full_attention"
+        for i in range(n_layers)]
+    if hf.get("sliding_window") is None and "sliding_attention" in names:
+      raise ValueError(f"{where}: sliding_window=None with sliding_attention layers is not supported "
+                       "(transformers cannot run it either)")
+  elif family in ("qwen2", "qwen3"):
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    names = hf.get("layer_types") or [
+        "sliding_attention" if window and i >= hf["max_window_layers"] else "full_attention"
+        for i in range(n_layers)]
+    if not window and "sliding_attention" in names:
+      raise ValueError(f"{where}: layer_types has sliding_attention layers but use_sliding_window="
+                       f"{hf.get('use_sliding_window')!r}, sliding_window={hf.get('sliding_window')!r}")
   else:
     names = ["full_attention"] * n_layers
   bad = set(names) - {"full_attention", "sliding_attention"}
   if bad or len(names) != n_layers:
-    raise ValueError(f"unsupported layer_types {names} (expected {n_layers} of full_attention/sliding_attention)")
+    raise ValueError(f"{where}: unsupported layer_types {names} (expected {n_layers} of "
+                     "full_attention/sliding_attention)")
   types = tuple("local" if t == "sliding_attention" else "global" for t in names)
   return types if "local" in types else ()
 
@@ -108,15 +158,21 @@ def _rope_fields(sec: dict, where: str) -> dict:
   kind = sec.get("rope_type", "default")
   if sec.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"{where}: partial_rotary_factor={sec['partial_rotary_factor']} is not supported")
+
+  def need(key):
+    if sec.get(key) is None:
+      raise ValueError(f"{where}: rope type {kind!r} needs {key!r} (got {sec})")
+    return sec[key]
+
   if kind == "default":
     return {"rope_scaling": "none"}
   if kind == "linear":
-    return {"rope_scaling": "linear", "rope_scaling_factor": float(sec["factor"])}
+    return {"rope_scaling": "linear", "rope_scaling_factor": float(need("factor"))}
   if kind == "llama3":
-    return {"rope_scaling": "llama3", "rope_scaling_factor": float(sec["factor"]),
-            "rope_low_freq_factor": float(sec["low_freq_factor"]),
-            "rope_high_freq_factor": float(sec["high_freq_factor"]),
-            "rope_original_max_len": int(sec["original_max_position_embeddings"])}
+    return {"rope_scaling": "llama3", "rope_scaling_factor": float(need("factor")),
+            "rope_low_freq_factor": float(need("low_freq_factor")),
+            "rope_high_freq_factor": float(need("high_freq_factor")),
+            "rope_original_max_len": int(need("original_max_position_embeddings"))}
   raise ValueError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
@@ -142,38 +198,52 @@ def text_config(hf: dict) -> dict:
 
 def config_from_hf(hf: dict, dtype: str = "float32", where: str = "config.json") -> TransformerConfig:
   """The `TransformerConfig` of a Hugging Face `config.json` dict (either layout; Gemma 3 multimodal
-  gives its text model)."""
+  gives its text model). A key the model would need and this trunk lacks (quantization, yarn RoPE, soft-capping,
+  partial rotary, MLP biases, ...) is a one-line ValueError naming it: never a silently different model."""
+  for d in (hf, hf.get("text_config") or {}):
+    for key in ("quantization_config", "compression_config"):
+      if d.get(key):
+        q = d[key]
+        method = q.get("quant_method", q.get("format")) if isinstance(q, dict) else q
+        raise ValueError(f"{where}: {key} (quant_method={method!r}) is not supported: quantized checkpoints "
+                         "load only unquantized (dequantize first)")
   hf = text_config(hf)
   family = _family(hf, where)
+  hf = {**_FAMILY_DEFAULTS[family], **hf}  # what transformers' config class fills in
   gemma = family == "gemma3_text"
   n_heads = hf["num_attention_heads"]
   n_layers = hf["num_hidden_layers"]
-  act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+  act_key = "hidden_activation" if gemma else "hidden_act"  # the one key each family's MLP reads
+  act = hf[act_key]
   acts = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
   if act not in acts:
-    raise ValueError(f"{where}: activation {act!r} is not supported (supported: {sorted(acts)})")
+    raise ValueError(f"{where}: {act_key}={act!r} is not supported (supported: {sorted(acts)})")
   for key in ("final_logit_softcapping", "attn_logit_softcapping"):
     if hf.get(key) is not None:
       raise ValueError(f"{where}: {key}={hf[key]} is not supported")
-  if hf.get("mlp_bias") or hf.get("use_bidirectional_attention"):
-    raise ValueError(f"{where}: mlp_bias / use_bidirectional_attention are not supported")
-  glob, loc = _rope_sections(hf, family)
+  for key in ("mlp_bias", "use_bidirectional_attention"):
+    if hf.get(key):
+      raise ValueError(f"{where}: {key}={hf[key]!r} is not supported")
+  if gemma and not isinstance(hf["query_pre_attn_scalar"], (int, float)):
+    raise ValueError(f"{where}: query_pre_attn_scalar={hf['query_pre_attn_scalar']!r} is not a number")
+  glob, loc = _rope_sections(hf, family, where)
   rope = _rope_fields(glob, where)
-  layer_types = _layer_types(hf, family, n_layers)
-  if gemma and loc is not None and _rope_fields(loc, where)["rope_scaling"] != "none":
+  layer_types = _layer_types(hf, family, n_layers, where)
+  if gemma and _rope_fields(loc, where + " (sliding_attention)")["rope_scaling"] != "none":
     raise ValueError(f"{where}: scaled RoPE on sliding-window layers is not supported")
-  attention_bias = bool(hf.get("attention_bias", False))
+  # Qwen2's q/k/v always have biases and its o_proj never: transformers reads no attention_bias there
+  attention_bias = bool(hf.get("attention_bias", False)) and family != "qwen2"
   return TransformerConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers, n_heads=n_heads,
       n_kv_heads=hf.get("num_key_value_heads") or n_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
-      max_len=hf.get("max_position_embeddings", 2048), rope_base=float(glob["rope_theta"]),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)), dtype=dtype, param_dtype=dtype,
+      max_len=hf["max_position_embeddings"], rope_base=float(glob["rope_theta"]),
+      tie_embeddings=bool(hf["tie_word_embeddings"]), dtype=dtype, param_dtype=dtype,
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       embed_scale=gemma, norm_plus_one=gemma, qkv_bias=attention_bias or family == "qwen2",
       out_bias=attention_bias, qk_norm=family in ("qwen3", "gemma3_text"), post_norms=gemma,
       mlp_activation=acts[act],
-      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if gemma else None,
+      query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if gemma else None,
       layer_types=layer_types, sliding_window=int(hf.get("sliding_window") or 0) if layer_types else 0,
       rope_local_base=float(loc["rope_theta"]) if gemma else None, **rope)
 
@@ -348,6 +418,8 @@ def load_hf(path: str, *, dtype: str = "float32", mesh=None, rules=None):
       return jax.make_array_from_callback(shape, _get_path(shardings, p), read)
 
     _check_shapes(get, tmap, shapes, path)  # metadata only
+    text = {n for n, (h, k) in where.items() if not prefixes or n != k or n.startswith("lm_head.")}
+    _check_unused(get, tmap, shapes, path, text, cfg.tie_embeddings)
     params = jax.tree_util.tree_map_with_path(leaf, shapes)
   return cfg, params
 
@@ -366,14 +438,48 @@ def _get_path(tree, p):
 
 
 def _check_shapes(get, tmap, shapes, path):
-  """Full HF tensor shapes agree with the config (a sliced read could hide a mismatch)."""
+  """Full HF tensor shapes agree with the config (a sliced read could hide a mismatch), and every tensor
+  is a float one (quantized weights are refused even without a `quantization_config`)."""
   for p, (name, kind, stacked) in tmap.items():
     shape = tuple(_get_path(shapes, p).shape)
     want = _to_hf(np.empty(shape[1:] if stacked else shape, np.int8), kind).shape
     for n in ([name.format(l) for l in range(shape[0])] if stacked else [name]):
-      got = tuple(get(n).get_shape())
+      t = get(n)
+      got = tuple(t.get_shape())
       if got != want:
         raise ValueError(f"{path}: {n} has shape {got}, the config implies {want}")
+      if t.get_dtype() not in _FLOAT_DTYPES:
+        raise ValueError(f"{path}: {n} has dtype {t.get_dtype()} (quantized weights are not supported; "
+                         f"expected one of {', '.join(_FLOAT_DTYPES)})")
+
+
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+_ROWS = 8192  # rows per read when comparing an untied-looking lm_head.weight with the embedding
+
+
+def _check_unused(get, tmap, shapes, path, names, tied):
+  """No checkpoint tensor among `names` is left unread, bar RoPE's `inv_freq` buffers: a tensor the
+  config does not explain (a bias with `attention_bias` false, an MLP bias, a value head, ...) is a
+  one-line ValueError, not a silently different model. With `tie_word_embeddings` an `lm_head.weight`
+  equal to the embedding is accepted (read in row blocks to compare); a different one is refused, as
+  transformers 5.x would then leave the two untied and 4.x tie them."""
+  want = set()
+  for p, (name, kind, stacked) in tmap.items():
+    want.update([name.format(l) for l in range(_get_path(shapes, p).shape[0])] if stacked else [name])
+  extra = sorted(n for n in names - want if not n.endswith("rotary_emb.inv_freq"))
+  if tied and "lm_head.weight" in extra:
+    head, emb = get("lm_head.weight"), get("model.embed_tokens.weight")
+    rows = emb.get_shape()[0]
+    if tuple(head.get_shape()) != tuple(emb.get_shape()) or any(
+        not np.array_equal(head[r:min(r + _ROWS, rows)], emb[r:min(r + _ROWS, rows)])
+        for r in range(0, rows, _ROWS)):
+      raise ValueError(f"{path}: tie_word_embeddings=True, but the checkpoint's lm_head.weight differs from "
+                       "model.embed_tokens.weight (set tie_word_embeddings to false if the head is its own)")
+    extra.remove("lm_head.weight")
+  if extra:
+    more = f" and {len(extra) - 4} more" if len(extra) > 4 else ""
+    raise ValueError(f"{path}: {len(extra)} checkpoint tensor(s) the config does not use: "
+                     f"{', '.join(extra[:4])}{more} (e.g. a bias with attention_bias / mlp_bias false)")
 
 
 # ----------------------------------------------------------------------------------------------------
