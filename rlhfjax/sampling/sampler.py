@@ -54,6 +54,8 @@ class SamplingConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if not self.greedy and self.temperature <= 0:
       raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -108,24 +110,35 @@ class _State:
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-  """Set logits outside the top-k / nucleus to -inf. [B, V] -> [B, V]."""
+  """Set logits outside the top-k / nucleus to the dtype's lowest value. [B, V] -> [B, V] (`logits`' dtype).
+
+  transformers' `TopKLogitsWarper` then `TopPLogitsWarper`: the top-k keeps every token tied with the
+  k-th logit; the nucleus, computed in float32 over the top-k's survivors, drops a token where the
+  mass of it and every less likely token is <= 1 - top_p, and keeps the most likely token. One
+  difference: a token tied with the least likely token the nucleus keeps is kept too (transformers
+  splits such a tie by its sort order), so the kept set does not depend on the order of the vocab.
+  """
   neg = jnp.finfo(logits.dtype).min
   if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, neg, logits)
   if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    # the smallest logit still inside the nucleus; the top token is always kept
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, neg, logits)
+    # ascending, as transformers: the tail's small masses are summed first (a descending cumsum loses
+    # them); in float32 (a bfloat16 cumsum stalls far below 1)
+    x = logits.astype(jnp.float32)
+    sorted_logits = jnp.sort(x, axis=-1)
+    mass_upto = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    drop = (mass_upto <= 1.0 - top_p).at[..., -1].set(False)  # the top token is always kept
+    threshold = jnp.min(jnp.where(drop, jnp.inf, sorted_logits), axis=-1, keepdims=True)
+    logits = jnp.where(x < threshold, neg, logits)
   return logits
 
 
 def _pick(logits, rng, config: SamplingConfig):
-  """Choose next tokens and their log-probs under the (untruncated) sampling distribution."""
+  """Choose next tokens and their log-probs under the (untruncated) sampling distribution. In float32
+  whatever the model's logits (as transformers' `generate`): a bfloat16 `logits / temperature`,
+  log-softmax or Gumbel noise would bias the draw and the log-probs."""
+  logits = logits.astype(jnp.float32)
   if config.greedy:
     token = jnp.argmax(logits, axis=-1)
     scaled = logits
