@@ -23,12 +23,13 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 import safetensors.numpy  # noqa: E402
 
-from rlhfjax.models import (PolicyModel, TransformerConfig, init_params, load_hf, positions_from_mask,  # noqa: E402
-                            save_hf)
+from rlhfjax.models import PolicyModel, TransformerConfig, init_params, load_hf, save_hf  # noqa: E402
 from rlhfjax.models.hf import config_from_hf  # noqa: E402
 from rlhfjax.models.init import logical_specs  # noqa: E402
 from rlhfjax.parallel import create_mesh, logical_to_sharding  # noqa: E402
 from rlhfjax.sampling import SamplingConfig, generate  # noqa: E402
+from hf_compare import (fast_settings, from_pretrained, hf_logits, left_padded_batch, max_diff,  # noqa: E402
+                        our_logits, randomize)
 
 ATOL = 2e-4
 NEW = 12
@@ -60,34 +61,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast():
-  """Test time only: XLA without most optimizations compiles these tiny programs faster, and one torch
-  thread avoids torch's thread pool fighting XLA's for the cores (50x slower transformers calls)."""
-  old_opt, old_threads = jax.config.read("jax_disable_most_optimizations"), torch.get_num_threads()
-  jax.config.update("jax_disable_most_optimizations", True)
-  torch.set_num_threads(1)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old_opt)
-  torch.set_num_threads(old_threads)
-
-
-def _randomize(model, family):
-  """Random weights everywhere (HF inits biases at 0 and norms at 1 / 0, which would hide mapping bugs).
-  Tied heads get a small embedding, or greedy decoding just repeats the last token."""
-  g = torch.Generator().manual_seed(0)
-  tied = model.config.tie_word_embeddings
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=g)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)  # Gemma: scale 1 + w ~ 2
-      elif "bias" in name:
-        p.copy_(0.3 * noise)
-      elif "embed_tokens" in name or "lm_head" in name:
-        p.copy_((0.1 if tied else 0.5) * noise)
-      else:
-        p.copy_(noise / np.sqrt(p.shape[1]))
+_fast = pytest.fixture(scope="module", autouse=True)(fast_settings)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,40 +69,12 @@ def _hf_model(family):
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32,
                                                         attn_implementation="eager").eval()
-  _randomize(model, family)
+  randomize(model)
   return model
 
 
-def _from_pretrained(path):
-  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-
-
 def _batch():
-  rng = np.random.default_rng(1)
-  ids = rng.integers(3, V, (3, 11)).astype(np.int64)
-  mask = np.ones_like(ids)
-  mask[0, :4] = 0  # left padding
-  mask[2, :7] = 0
-  return ids * mask, mask
-
-
-def _hf_logits(model, ids, mask):
-  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  return out.logits.float().numpy()
-
-
-def _our_logits(cfg, params, ids, mask):
-  mask = jnp.asarray(mask, jnp.int32)
-  logits, _ = jax.jit(PolicyModel(cfg).apply)({"params": params}, jnp.asarray(ids, jnp.int32),
-                                               positions_from_mask(mask), mask)
-  return np.asarray(logits)
-
-
-def _max_diff(a, b, mask):
-  return float(np.abs(a - b)[mask > 0].max())
+  return left_padded_batch(V, 11, 7)
 
 
 def _to_4x_layout(src, dst):
@@ -164,7 +110,7 @@ def ckpt(request, tmp_path_factory):
 def test_logits_match_transformers(ckpt):
   family, model, path, cfg, params = ckpt
   ids, mask = _batch()
-  diff = _max_diff(_our_logits(cfg, params, ids, mask), _hf_logits(model, ids, mask), mask)
+  diff = max_diff(our_logits(cfg, params, ids, mask), hf_logits(model, ids, mask), mask)
   print(f"{family}: max |logit diff| {diff:.2e}")
   assert diff <= ATOL
 
@@ -178,7 +124,7 @@ def test_the_tested_features_matter(ckpt):
   family, model, path, cfg, params = ckpt
   ids, mask = _batch()
   off = dataclasses.replace(cfg, **FEATURE_OFF[family])
-  assert _max_diff(_our_logits(off, params, ids, mask), _hf_logits(model, ids, mask), mask) > 0.05
+  assert max_diff(our_logits(off, params, ids, mask), hf_logits(model, ids, mask), mask) > 0.05
 
 
 def test_greedy_tokens_match_transformers(ckpt):
@@ -201,7 +147,7 @@ def test_4x_config_layout(ckpt, tmp_path):
   assert cfg_old == cfg
   jax.tree.map(np.testing.assert_array_equal, params_old, params)
   ids, mask = _batch()  # and transformers reads the edited layout as the same model
-  assert _max_diff(_hf_logits(_from_pretrained(old), ids, mask), _hf_logits(model, ids, mask), mask) == 0.0
+  assert max_diff(hf_logits(from_pretrained(old), ids, mask), hf_logits(model, ids, mask), mask) == 0.0
 
 
 def test_save_hf_reloads_in_transformers(ckpt, tmp_path):
@@ -209,7 +155,7 @@ def test_save_hf_reloads_in_transformers(ckpt, tmp_path):
   out = str(tmp_path / "out")
   save_hf(cfg, params, out)
   ids, mask = _batch()
-  assert _max_diff(_hf_logits(_from_pretrained(out), ids, mask), _our_logits(cfg, params, ids, mask), mask) <= ATOL
+  assert max_diff(hf_logits(from_pretrained(out), ids, mask), our_logits(cfg, params, ids, mask), mask) <= ATOL
   cfg2, params2 = load_hf(out)  # and round-trips exactly
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -226,9 +172,9 @@ def test_save_hf_of_a_native_model(tmp_path):
   save_hf(cfg, params, str(tmp_path / "out"), tokenizer=str(tok))
   assert (tmp_path / "out" / "tokenizer.json").exists()
   ids, mask = _batch()
-  back = _from_pretrained(str(tmp_path / "out"))
+  back = from_pretrained(str(tmp_path / "out"))
   assert back.config.model_type == "llama" and not back.config.tie_word_embeddings
-  assert _max_diff(_hf_logits(back, ids, mask), _our_logits(cfg, params, ids, mask), mask) <= ATOL
+  assert max_diff(hf_logits(back, ids, mask), our_logits(cfg, params, ids, mask), mask) <= ATOL
 
 
 def test_load_sharded_checkpoint_onto_a_mesh(tmp_path):
@@ -250,7 +196,7 @@ def test_load_sharded_checkpoint_onto_a_mesh(tmp_path):
   assert wq.addressable_shards[0].data.shape == (2, 24, 3, 8)
   assert sharded["lm_head"].addressable_shards[0].data.shape == (24, 48)
   ids, mask = _batch()
-  np.testing.assert_allclose(_our_logits(cfg, sharded, ids, mask), _our_logits(cfg, host, ids, mask), atol=1e-5)
+  np.testing.assert_allclose(our_logits(cfg, sharded, ids, mask), our_logits(cfg, host, ids, mask), atol=1e-5)
 
 
 def _edit_config(src, dst, **changes):
@@ -308,7 +254,7 @@ def _gemma3_multimodal():
   torch.manual_seed(0)
   model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, dtype=torch.float32,
                                                                    attn_implementation="eager").eval()
-  _randomize(model, "gemma3")
+  randomize(model)
   return model
 
 
@@ -334,10 +280,10 @@ def test_gemma3_multimodal_loads_its_text_trunk(tmp_path, monkeypatch):
   assert any(k.startswith("model.language_model.layers.") for k in names)
   assert any(k.startswith("model.vision_tower.") for k in names)
   ids, mask = _batch()
-  ref = _hf_logits(model, ids, mask)
+  ref = hf_logits(model, ids, mask)
   back = transformers.Gemma3ForConditionalGeneration.from_pretrained(newer, dtype=torch.float32,
                                                                      attn_implementation="eager").eval()
-  assert _max_diff(_hf_logits(back, ids, mask), ref, mask) == 0.0  # transformers reads it as the same model
+  assert max_diff(hf_logits(back, ids, mask), ref, mask) == 0.0  # transformers reads it as the same model
   real, read = safetensors.safe_open, []
 
   class Spy:  # safe_open that records which tensors are read
@@ -364,15 +310,15 @@ def test_gemma3_multimodal_loads_its_text_trunk(tmp_path, monkeypatch):
     read.clear()
     cfg, params = loaded[layout] = load_hf(path)
     assert read and {k.partition(prefix)[0] for k in read} == {""}  # text tensors only
-    assert _max_diff(_our_logits(cfg, params, ids, mask), ref, mask) <= ATOL
+    assert max_diff(our_logits(cfg, params, ids, mask), ref, mask) <= ATOL
   cfg, params = loaded["legacy"]
   assert cfg == loaded["newer"][0] and cfg.tie_embeddings and cfg.has_local_layers
   monkeypatch.undo()
   out = str(tmp_path / "out")
   save_hf(cfg, params, out)
-  text = _from_pretrained(out)
+  text = from_pretrained(out)
   assert type(text).__name__ == "Gemma3ForCausalLM"
-  assert _max_diff(_hf_logits(text, ids, mask), ref, mask) <= ATOL
+  assert max_diff(hf_logits(text, ids, mask), ref, mask) <= ATOL
 
 
 def test_gemma3_multimodal_config_defaults():

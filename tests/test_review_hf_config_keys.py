@@ -22,8 +22,10 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 import safetensors.numpy  # noqa: E402
 
-from rlhfjax.models import PolicyModel, load_hf, positions_from_mask  # noqa: E402
+from rlhfjax.models import load_hf  # noqa: E402
 from rlhfjax.models.hf import config_from_hf  # noqa: E402
+from hf_compare import (fast_settings, from_pretrained, hf_logits, left_padded_batch, max_diff,  # noqa: E402
+                        our_logits, randomize)
 
 ATOL = 2e-4
 V = 96
@@ -49,33 +51,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast():
-  """As in test_hf_models: fewer XLA optimizations for tiny programs, one torch thread."""
-  old_opt, old_threads = jax.config.read("jax_disable_most_optimizations"), torch.get_num_threads()
-  jax.config.update("jax_disable_most_optimizations", True)
-  torch.set_num_threads(1)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old_opt)
-  torch.set_num_threads(old_threads)
-
-
-def _randomize(model):
-  """Random weights everywhere (biases and norms too, so that a dropped one shows)."""
-  g = torch.Generator().manual_seed(0)
-  tied = model.config.tie_word_embeddings
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=g)
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * noise)
-      elif "bias" in name:
-        p.copy_(0.3 * noise)
-      elif "embed_tokens" in name or "lm_head" in name:
-        p.copy_((0.1 if tied else 0.5) * noise)
-      else:
-        p.copy_(noise / np.sqrt(p.shape[1]))
-  return model
+_fast = pytest.fixture(scope="module", autouse=True)(fast_settings)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +59,7 @@ def _hf_model(name):
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(MODELS[name](), dtype=torch.float32,
                                                         attn_implementation="eager").eval()
-  return _randomize(model)
+  return randomize(model)
 
 
 @pytest.fixture(scope="module")
@@ -99,36 +75,8 @@ def saved(tmp_path_factory):
   return get
 
 
-def _from_pretrained(path):
-  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-
-
 def _batch():
-  rng = np.random.default_rng(1)
-  ids = rng.integers(3, V, (3, 23)).astype(np.int64)
-  mask = np.ones_like(ids)
-  mask[0, :4] = 0  # left padding
-  mask[2, :9] = 0
-  return ids * mask, mask
-
-
-def _hf_logits(model, ids, mask):
-  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  return out.logits.float().numpy()
-
-
-def _our_logits(cfg, params, ids, mask):
-  mask = jnp.asarray(mask, jnp.int32)
-  logits, _ = jax.jit(PolicyModel(cfg).apply)({"params": params}, jnp.asarray(ids, jnp.int32),
-                                               positions_from_mask(mask), mask)
-  return np.asarray(logits)
-
-
-def _max_diff(a, b, mask):
-  return float(np.abs(a - b)[mask > 0].max())
+  return left_padded_batch(V, 23, 9)
 
 
 def _edit_config(src, dst, edit):
@@ -154,11 +102,11 @@ def _exact(path, base=None, changes=None):
   """load_hf(path) gives transformers' logits for `path`; with `base`, `changes` says whether transformers
   reads the edit as a different model than `base` (so the edit is not a no-op the test could miss)."""
   ids, mask = _batch()
-  ref = _hf_logits(_from_pretrained(path), ids, mask)
+  ref = hf_logits(from_pretrained(path), ids, mask)
   cfg, params = load_hf(path)
-  assert _max_diff(_our_logits(cfg, params, ids, mask), ref, mask) <= ATOL
+  assert max_diff(our_logits(cfg, params, ids, mask), ref, mask) <= ATOL
   if base is not None:
-    moved = _max_diff(_hf_logits(_from_pretrained(base), ids, mask), ref, mask)
+    moved = max_diff(hf_logits(from_pretrained(base), ids, mask), ref, mask)
     assert moved > 0.05 if changes else moved == 0.0
   return cfg
 
@@ -351,7 +299,7 @@ def test_tied_checkpoint_with_an_lm_head(saved, tmp_path):
   other = _edit_tensors(base, str(tmp_path / "other"), lambda t: t.update(
       {"lm_head.weight": rng.standard_normal((V, 32)).astype(np.float32)}))
   ids, mask = _batch()  # transformers reads it as another model
-  assert _max_diff(_hf_logits(_from_pretrained(other), ids, mask), _hf_logits(_from_pretrained(base), ids, mask),
+  assert max_diff(hf_logits(from_pretrained(other), ids, mask), hf_logits(from_pretrained(base), ids, mask),
                    mask) > 0.05
   _one_line("tie_word_embeddings=True, but the checkpoint's lm_head.weight differs", load_hf, other)
 
