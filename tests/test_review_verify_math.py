@@ -1,12 +1,13 @@
 """Red-team review of the math / format verifiers and `verify`: reward hacks (a reward the answer does not
 earn), false negatives (a right answer refused), and inputs that must not hang the verifier."""
-import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from math_verify import parse, verify as mv_verify
 
 from rlhfjax.rewards import answers_match, extract_answer, format_reward, math_reward
+from rlhfjax.rewards import math as math_module
 from rlhfjax.rewards import sandbox
 from rlhfjax.rewards.verify import verify
 
@@ -158,18 +159,23 @@ def test_false_negatives_fixed(completion, gold):
     ("\\boxed{1e-5000}", "0"),  # and a tiny number is not zero
 ])
 def test_exponent_bombs_are_cheap_and_score_nothing(completion, gold):
-  start = time.perf_counter()
   assert reward(completion, gold) == 0.0
   assert not answers_match("1e10000000", "1e10000000")  # too large to be a number here
-  assert time.perf_counter() - start < 1.0
+  # what keeps them cheap: an exponent beyond 1000 is no number, so no 10^10000000 integer is built
+  assert math_module._to_fraction("1e10000000") is None and math_module._to_fraction("1e-1001") is None
+  assert math_module._to_fraction("1e1000") == Fraction(10) ** 1000
 
 
 @pytest.mark.parametrize("completion", ["\\boxed{" * 5000, "\\boxed{{" * 5000, "\\boxed{" * 5000 + "4}"])
-def test_many_unbalanced_boxes_take_linear_time(completion):
-  start = time.perf_counter()  # each box rescanned the rest of the text: ~12 s for these before the fix
-  math_reward([completion], ["4"])
+def test_many_unbalanced_boxes_take_linear_time(completion, monkeypatch):
+  """Each box rescanned the rest of the text (~12 s for these before the fix); now the braces of a text
+  are matched in one pass, whatever the number of boxes."""
+  passes = []
+  one_pass = math_module._closing_braces
+  monkeypatch.setattr(math_module, "_closing_braces", lambda text: passes.append(len(text)) or one_pass(text))
+  assert math_reward([completion], ["4"])[0] == float(completion.endswith("4}") and "{{" not in completion)
   format_reward(["<thinking>x</thinking>" + completion])
-  assert time.perf_counter() - start < 1.0
+  assert 1 <= len(passes) <= 4, passes  # a pass or two per verifier call, not one per box
 
 
 def test_boxes_still_nest_after_the_linear_rewrite():
