@@ -167,8 +167,61 @@ def check_config(config: ml_collections.ConfigDict, stages: list[str]) -> None:
         0 if key.endswith("_every") or key in ("steps", "iterations") else None
     if least is not None and isinstance(v, (int, float)) and v < least:
       raise ValueError(f"config.{path} must be >= {least}, got {v}")
+  check_stage_order(stages)
+  check_ranges(config, stages)
   for stage in stages:
     import_stages()[stage].check_config(config)
+
+
+def check_stage_order(stages: list[str]) -> None:
+  """Each stage once, and after the stages it builds on (sft before rm / dpo / rl / ppo, rm before ppo)."""
+  repeated = sorted({s for s in stages if stages.count(s) > 1})
+  if repeated:
+    raise ValueError(f"config.stages={','.join(stages)} repeats {repeated}: name each stage once")
+  order = {"sft": 0, "rm": 1, "dpo": 1, "rl": 2, "ppo": 2}
+  for a, b in zip(stages, stages[1:]):
+    if order.get(a, 0) > order.get(b, 0):
+      raise ValueError(f"config.stages={','.join(stages)}: {b} must come before {a} (order: sft, rm|dpo, rl|ppo)")
+
+
+def _least(config, section: str, keys: dict) -> None:
+  for key, least in keys.items():
+    if section in config and key in config[section]:
+      v = config[section][key]
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and v < least:
+        raise ValueError(f"config.{section}.{key} must be >= {least}, got {v}")
+
+
+def check_ranges(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+  """Sizes and sampler settings that would otherwise fail (or train nothing) only once a stage runs."""
+  _least(config, "data", {"max_prompt_len": 1, "max_response_len": 1, "num_train": 1, "num_test": 1})
+  _least(config, "eval", {"batch_size": 1})
+  for section in ("sft", "rm", "dpo"):
+    _least(config, section, {"batch_size": 1, "learning_rate": 0, "warmup_steps": 0, "eval_examples": 0})
+  if "eval" in config and "temperature" in config.eval and not config.eval.temperature > 0:
+    raise ValueError(f"config.eval.temperature must be > 0, got {config.eval.temperature}")
+  if "mesh" in config:
+    import jax
+    from rlhfjax.parallel.mesh import resolve_mesh_shape
+    try:
+      resolve_mesh_shape(tuple(config.mesh.shape), jax.device_count())
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)}: {e}") from None
+  if not {"rl", "ppo"} & set(stages) or "rl_sampling" not in config:
+    return
+  _least(config, "rl_loop", {"prompts_per_iter": 1, "eval_examples": 0, "eval_samples": 0,
+                             "max_unscored_iters": 0, "max_skipped_iters": 0})
+  _least(config, "rl_sampling", {"top_k": 0, "max_new_tokens": 0})
+  s = config.rl_sampling
+  if not s.temperature > 0:
+    raise ValueError(f"config.rl_sampling.temperature must be > 0, got {s.temperature}")
+  if not 0 < s.top_p <= 1:
+    raise ValueError(f"config.rl_sampling.top_p must be in (0, 1], got {s.top_p}")
+  if s.get("dtype", "") not in ("", "float32", "bfloat16"):
+    raise ValueError(f"config.rl_sampling.dtype must be '', 'float32' or 'bfloat16', got {s.dtype!r}")
+  share = config.rl_loop.get("max_unscored_share", 0.5)
+  if not 0 <= share <= 1:
+    raise ValueError(f"config.rl_loop.max_unscored_share must be in [0, 1], got {share}")
 
 
 def _bound(workdir: str) -> bool:

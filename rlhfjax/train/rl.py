@@ -107,6 +107,29 @@ class AlgoConfig:
   def __post_init__(self):
     if self.algo not in ALGOS:
       raise ValueError(f"rl.algo must be one of {ALGOS}, got {self.algo!r}")
+    for name, least in (("group_size", 1), ("epochs", 1), ("minibatch_size", 1), ("microbatch_size", 0),
+                        ("clip_eps_high", 0), ("value_clip", 0), ("kl_coef", 0), ("vf_coef", 0)):
+      if getattr(self, name) < least:
+        raise ValueError(f"rl.{name} must be >= {least}, got {getattr(self, name)}")
+    if self.clip_eps <= 0:
+      raise ValueError(f"rl.clip_eps must be > 0, got {self.clip_eps}")
+    if self.dual_clip and self.dual_clip <= 1:
+      raise ValueError(f"rl.dual_clip must be > 1 (0 = off), got {self.dual_clip}")
+    for name in ("gamma", "lam"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f"rl.{name} must be in [0, 1], got {getattr(self, name)}")
+    if self.kl_estimator not in rl.kl.KL_KINDS:
+      raise ValueError(f"rl.kl_estimator must be one of {rl.kl.KL_KINDS}, got {self.kl_estimator!r}")
+    if self.aggregation not in rl.losses.AGGREGATIONS:
+      raise ValueError(f"rl.aggregation must be one of {rl.losses.AGGREGATIONS}, got {self.aggregation!r}")
+    if self.advantage_scale not in ("group", "batch", "none"):
+      raise ValueError(f"rl.advantage_scale must be group|batch|none, got {self.advantage_scale!r}")
+    if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
+      raise ValueError(f"rl.adaptive_kl needs rl.kl_target > 0 and rl.kl_horizon > 0, got "
+                       f"{self.kl_target} and {self.kl_horizon}")
+    if self.algo == "best_of_n" and not 1 <= 2 * self.best_of_n_k <= self.group_size:
+      raise ValueError(f"rl.best_of_n_k must be in [1, rl.group_size // 2 = {self.group_size // 2}], "
+                       f"got {self.best_of_n_k}")
     if self.kl_mode not in ("auto", "reward", "loss", "none"):
       raise ValueError(f"rl.kl_mode must be auto|reward|loss|none, got {self.kl_mode!r}")
     if self.algo in ("grpo", "rloo", "best_of_n") and self.group_size < 2:
@@ -181,6 +204,11 @@ class RLOptimConfig:
   warmup_steps: int = 5  # optimizer steps of linear warmup
   weight_decay: float = 0.0
   grad_clip: float = 1.0  # global-norm clip
+
+  def __post_init__(self):
+    for name in ("learning_rate", "value_learning_rate", "warmup_steps", "weight_decay", "grad_clip"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"rl_optim.{name} must be >= 0, got {getattr(self, name)}")
 
   def optim(self, value: bool = False) -> OptimConfig:
     return OptimConfig(learning_rate=self.value_learning_rate if value else self.learning_rate,
