@@ -52,12 +52,19 @@ class SamplingConfig:
       raise ValueError(f"prompt_group must be >= 1, got {self.prompt_group}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if not self.greedy and self.temperature <= 0:
-      raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    check_filters(self.temperature, self.top_k, self.top_p, greedy=self.greedy)
+
+
+def check_filters(temperature: float, top_k: int = 0, top_p: float = 1.0, *, greedy: bool = False,
+                  prefix: str = "") -> None:
+  """`SamplingConfig`'s checks of the sampling settings, for callers that validate a config before
+  they can build one (`prefix`: the keys' config path, e.g. "config.rl_sampling.")."""
+  if not greedy and not temperature > 0:
+    raise ValueError(f"{prefix}temperature must be > 0, got {temperature} (greedy=True for argmax)")
+  if top_k < 0:
+    raise ValueError(f"{prefix}top_k must be >= 0, got {top_k} (0 = off)")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
 
 
 def cache_widths(n: int) -> list[int]:

@@ -198,8 +198,9 @@ def check_ranges(config: ml_collections.ConfigDict, stages: list[str]) -> None:
   _least(config, "eval", {"batch_size": 1})
   for section in ("sft", "rm", "dpo"):
     _least(config, section, {"batch_size": 1, "learning_rate": 0, "warmup_steps": 0, "eval_examples": 0})
-  if "eval" in config and "temperature" in config.eval and not config.eval.temperature > 0:
-    raise ValueError(f"config.eval.temperature must be > 0, got {config.eval.temperature}")
+  from rlhfjax.sampling.sampler import check_filters
+  if "eval" in config and "temperature" in config.eval:
+    check_filters(config.eval.temperature, prefix="config.eval.")
   if "mesh" in config:
     import jax
     from rlhfjax.parallel.mesh import resolve_mesh_shape
@@ -211,12 +212,9 @@ def check_ranges(config: ml_collections.ConfigDict, stages: list[str]) -> None:
     return
   _least(config, "rl_loop", {"prompts_per_iter": 1, "eval_examples": 0, "eval_samples": 0,
                              "max_unscored_iters": 0, "max_skipped_iters": 0})
-  _least(config, "rl_sampling", {"top_k": 0, "max_new_tokens": 0})
+  _least(config, "rl_sampling", {"max_new_tokens": 0})
   s = config.rl_sampling
-  if not s.temperature > 0:
-    raise ValueError(f"config.rl_sampling.temperature must be > 0, got {s.temperature}")
-  if not 0 < s.top_p <= 1:
-    raise ValueError(f"config.rl_sampling.top_p must be in (0, 1], got {s.top_p}")
+  check_filters(s.temperature, s.top_k, s.top_p, prefix="config.rl_sampling.")
   if s.get("dtype", "") not in ("", "float32", "bfloat16"):
     raise ValueError(f"config.rl_sampling.dtype must be '', 'float32' or 'bfloat16', got {s.dtype!r}")
   share = config.rl_loop.get("max_unscored_share", 0.5)
